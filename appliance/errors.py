@@ -1,0 +1,153 @@
+"""The exception tree of Sluice.
+
+Owns: every exception class Sluice raises on purpose, each with the HTTP status that the
+connection handler answers with.  Must not touch: sockets, logging, config objects.
+
+The parser (``appliance.http1``) raises only ``ProtocolError`` subclasses; a connection is
+never reused after one.  ``connection.py`` is the one place that turns these into responses.
+"""
+
+
+class SluiceError(Exception):
+    """Base of every error Sluice raises on purpose."""
+
+    status = 500
+
+
+class ConfigError(SluiceError):
+    """A configuration error; ``str()`` is ``FILE:LINE: message``."""
+
+    def __init__(self, message, source="<config>", line=None):
+        self.message = message
+        self.source = source
+        self.line = line
+        where = source if line is None else "%s:%d" % (source, line)
+        super().__init__("%s: %s" % (where, message))
+
+
+# --- protocol errors (raised by appliance.http1) -------------------------------------------
+
+class ProtocolError(SluiceError):
+    """The peer broke HTTP/1.x; the connection is closed after the answer."""
+
+    status = 400
+
+
+class BadRequestLine(ProtocolError):
+    pass
+
+
+class BadStatusLine(ProtocolError):
+    pass
+
+
+class UnsupportedVersion(ProtocolError):
+    status = 505
+
+
+class BadHeader(ProtocolError):
+    """A malformed field line: obs-fold, space before colon, bad name, CTL in a value."""
+
+
+class BareLF(ProtocolError):
+    """A line ended by LF without CR."""
+
+
+class HeadTooLarge(ProtocolError):
+    status = 431
+
+
+class TooManyHeaders(ProtocolError):
+    status = 431
+
+
+class MissingHost(ProtocolError):
+    pass
+
+
+class DuplicateHost(ProtocolError):
+    pass
+
+
+class BadHost(ProtocolError):
+    pass
+
+
+class BadContentLength(ProtocolError):
+    pass
+
+
+class ConflictingFraming(ProtocolError):
+    """Transfer-Encoding together with Content-Length (the classic smuggling vector)."""
+
+
+class BadTransferEncoding(ProtocolError):
+    """Unknown, obfuscated or misplaced transfer codings."""
+
+
+class BadChunk(ProtocolError):
+    """A malformed chunk: size line, extension, or the CRLF after the data."""
+
+
+class BadChunkSize(BadChunk):
+    pass
+
+
+class ChunkExtensionTooLong(BadChunk):
+    pass
+
+
+class TrailersTooLarge(ProtocolError):
+    status = 431
+
+
+class BadTrailer(ProtocolError):
+    pass
+
+
+class IncompleteMessage(ProtocolError):
+    """The peer closed the connection in the middle of a message."""
+
+
+# --- proxy errors (raised by the proxy layer) ---------------------------------------------
+
+class BodyTooLarge(SluiceError):
+    """A body that must be buffered is larger than ``body_size_limit``."""
+
+    status = 413
+
+
+class ClientTimeout(SluiceError):
+    """The request head did not arrive within ``timeouts.header``."""
+
+    status = 408
+
+
+class LoopDetected(SluiceError):
+    """The original destination is Sluice itself."""
+
+    status = 400
+
+
+class UpstreamError(SluiceError):
+    status = 502
+
+
+class ConnectFailed(UpstreamError):
+    pass
+
+
+class ConnectTimeout(UpstreamError):
+    status = 504
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+
+
+class BadUpstreamResponse(UpstreamError):
+    pass
+
+
+class UpstreamClosed(UpstreamError):
+    pass
