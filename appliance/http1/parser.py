@@ -1,0 +1,529 @@
+"""Incremental HTTP/1.x parsers: ``RequestParser`` and ``ResponseParser``.
+
+Owns: turning received bytes into events (see ``appliance.http1``), framing per RFC 9112
+section 6.3, and every strictness check that keeps an ambiguous message from being
+forwarded.  Must not touch: sockets, clocks, logging, config objects.
+
+The receive buffer is a ``bytearray`` with a read position; heads are found by scanning
+only the bytes that arrived since the last scan, so feeding a head byte by byte stays
+linear.  Bodies are handed out as ``bytes`` slices, never byte by byte.
+"""
+
+import collections
+import enum
+import re
+
+from .. import errors
+from .events import (NEED_DATA, PAUSED, ConnectionClosed, Data, EndOfMessage, Framing,
+                     Headers, RequestHead, ResponseHead)
+
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+# A field block: every line is `name:value` with a value of visible bytes, SP and HTAB only.
+# Anything else (obs-fold, space before the colon, CTL, lone CR) fails the whole match and is
+# then diagnosed line by line for the error message.
+_FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_TOKEN_RE = re.compile(_TOKEN)
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])")
+_VERSION_LIKE = re.compile(rb"[\x21-\x7e]*")
+_STATUS_LINE = re.compile(rb"(HTTP/[0-9]\.[0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
+_HOST = re.compile(rb"(?:[-A-Za-z0-9._~%!$&'()*+;=]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
+_AUTHORITY = re.compile(rb"(?:[-A-Za-z0-9._~%!$&'()*+;=]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
+_ABSOLUTE = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[\x21-\x7e]*")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_QUOTED = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]+)((?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|"
+    + _QUOTED + rb"))?)*)\r\n")
+_VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
+_CODINGS = frozenset([b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"])
+_TRAILER_FORBIDDEN = frozenset([b"content-length", b"transfer-encoding", b"host"])
+_MAX_HEX_DIGITS = 16
+
+
+class State(enum.Enum):
+    HEAD = "head"
+    LENGTH = "length"
+    CHUNK_SIZE = "chunk-size"
+    CHUNK_DATA = "chunk-data"
+    TRAILERS = "trailers"
+    UNTIL_CLOSE = "until-close"
+    DONE = "done"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+def _short(data, limit=40):
+    data = bytes(data)
+    return repr(data if len(data) <= limit else data[:limit] + b"...")
+
+
+def _csv(value):
+    """Split a list-valued field into stripped elements (empty ones included)."""
+    return [item.strip(b" \t") for item in value.split(b",")]
+
+
+def _diagnose_fields(block):
+    """Raise the precise error for a field block that failed ``_FIELDS``."""
+    for line in block.split(b"\r\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            raise errors.BadHeader("obs-fold (line folding) is not allowed: %s" % _short(line))
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise errors.BadHeader("field line without colon: %s" % _short(line))
+        if name != name.rstrip(b" \t"):
+            raise errors.BadHeader("whitespace before colon: %s" % _short(line))
+        if not _TOKEN_RE.fullmatch(name):
+            raise errors.BadHeader("invalid field name: %s" % _short(name))
+        raise errors.BadHeader("invalid byte in field value: %s" % _short(line))
+    raise errors.BadHeader("malformed field block")
+
+
+class _Parser:
+    """The machinery both roles share: buffer, head scanning, body framing, events."""
+
+    def __init__(self, max_header_bytes=65536, max_headers=100, max_chunk_ext=1024):
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.max_chunk_ext = max_chunk_ext
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._error = None
+        self._state = State.HEAD
+        self._remaining = 0        # LENGTH: body bytes still due; CHUNK_DATA: of this chunk
+        self._chunk_prefix = b""   # size line of the chunk being read, until its first Data
+        self._last_chunk = b""
+        self._reset_scan()
+
+    # --- feeding --------------------------------------------------------------------------
+
+    def receive_data(self, data):
+        """Add received bytes; ``b""`` means the peer closed its side."""
+        if self._error is not None:
+            raise self._error
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise RuntimeError("receive_data after EOF")
+        if self._pos:
+            del self._buf[:self._pos]
+            self._scan -= self._pos
+            self._line_start -= self._pos
+            self._pos = 0
+        self._buf += data
+
+    def take_buffered(self):
+        """Return and forget the bytes received but not parsed (for a tunnel)."""
+        data = bytes(self._buf[self._pos:])
+        del self._buf[:]
+        self._pos = 0
+        self._reset_scan()
+        return data
+
+    @property
+    def state(self):
+        return self._state
+
+    @property
+    def body_remaining(self):
+        """Bytes of a Content-Length body neither received nor skipped yet."""
+        if self._state is not State.LENGTH:
+            return 0
+        return max(0, self._remaining - (len(self._buf) - self._pos))
+
+    def skip_body(self, n):
+        """Account for ``n`` body bytes that the caller moved itself (e.g. with splice)."""
+        if self._state is not State.LENGTH or len(self._buf) != self._pos or n > self._remaining:
+            raise RuntimeError("skip_body(%d) in state %s" % (n, self._state.name))
+        self._remaining -= n
+
+    def start_next(self):
+        """After EndOfMessage: go on to the next message on this connection."""
+        if self._state is not State.DONE:
+            raise RuntimeError("start_next() in state %s" % self._state.name)
+        self._state = State.HEAD
+        self._reset_scan()
+
+    # --- events ---------------------------------------------------------------------------
+
+    def next_event(self):
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._steps[self._state](self)
+        except errors.ProtocolError as exc:
+            self._state = State.ERROR
+            self._error = exc
+            raise
+
+    def _reset_scan(self):
+        self._scan = self._pos
+        self._line_start = self._pos
+        self._lines = 0
+
+    def _find_block_end(self, limit, too_large, too_many, what):
+        """Index just past the empty line ending a block that starts at ``_pos``, or None.
+
+        Scans only bytes not scanned before; rejects bare LF at once and enforces the byte
+        and line limits while the block is still incomplete.
+        """
+        buf = self._buf
+        find = buf.find
+        while True:
+            i = find(b"\n", self._scan)
+            if i < 0:
+                self._scan = len(buf)
+                if len(buf) - self._pos > limit:
+                    raise too_large("%s larger than %d bytes" % (what, limit))
+                return None
+            if i == self._line_start or buf[i - 1] != 13:
+                raise errors.BareLF("line ended by LF without CR in %s: %s" % (
+                    what, _short(buf[self._line_start:i + 1])))
+            if i - 1 == self._line_start:
+                end = i + 1
+                if end - self._pos > limit:
+                    raise too_large("%s larger than %d bytes" % (what, limit))
+                return end
+            self._lines += 1
+            if self._lines > self.max_headers + 1:
+                raise too_many("more than %d fields in %s" % (self.max_headers, what))
+            self._line_start = self._scan = i + 1
+
+    def _parse_fields(self, block):
+        """``block`` is field lines each ending in CRLF; returns the field list."""
+        if not _FIELDS.fullmatch(block):
+            _diagnose_fields(block)
+        fields = []
+        for line in block[:-2].split(b"\r\n") if block else ():
+            name, _, value = line.partition(b":")
+            fields.append((name, value.strip(b" \t")))
+        return fields
+
+    def _step_head(self):
+        buf = self._buf
+        if self._line_start == self._pos:
+            # RFC 9112 section 2.2: ignore at least one empty line before a request line.
+            while buf[self._pos:self._pos + 2] == b"\r\n":
+                self._pos += 2
+                self._reset_scan()
+        end = self._find_block_end(self.max_header_bytes, errors.HeadTooLarge,
+                                   errors.TooManyHeaders, "head")
+        if end is None:
+            if self._eof:
+                if self._pos == len(buf):
+                    self._state = State.CLOSED
+                    return ConnectionClosed()
+                raise errors.IncompleteMessage("connection closed inside a head: %s" % _short(
+                    buf[self._pos:]))
+            return NEED_DATA
+        head = bytes(buf[self._pos:end])
+        self._pos = end
+        line_end = head.index(b"\r\n")
+        fields = self._parse_fields(head[line_end + 2:-2])
+        if len(fields) > self.max_headers:
+            raise errors.TooManyHeaders("more than %d fields in head" % self.max_headers)
+        event = self._make_head(head[:line_end], Headers(fields))
+        self._reset_scan()
+        return event
+
+    def _enter_body(self, framing, length):
+        """Set the state for a message body after its head."""
+        if framing is Framing.LENGTH:
+            self._state = State.LENGTH
+            self._remaining = length
+        elif framing is Framing.CHUNKED:
+            self._state = State.CHUNK_SIZE
+        elif framing is Framing.CLOSE:
+            self._state = State.UNTIL_CLOSE
+        else:
+            self._state = State.LENGTH
+            self._remaining = 0
+
+    def _step_length(self):
+        if not self._remaining:
+            self._state = State.DONE
+            return EndOfMessage()
+        avail = len(self._buf) - self._pos
+        if not avail:
+            if self._eof:
+                raise errors.IncompleteMessage("connection closed with %d body bytes due" % (
+                    self._remaining,))
+            return NEED_DATA
+        take = avail if avail < self._remaining else self._remaining
+        data = bytes(self._buf[self._pos:self._pos + take])
+        self._pos += take
+        self._remaining -= take
+        return Data(data)
+
+    def _step_until_close(self):
+        avail = len(self._buf) - self._pos
+        if avail:
+            data = bytes(self._buf[self._pos:])
+            self._pos = len(self._buf)
+            return Data(data)
+        if self._eof:
+            self._state = State.DONE
+            return EndOfMessage()
+        return NEED_DATA
+
+    def _step_chunk_size(self):
+        buf = self._buf
+        limit = self._pos + _MAX_HEX_DIGITS + self.max_chunk_ext + 2
+        i = buf.find(b"\n", self._pos, limit)
+        if i < 0:
+            if len(buf) >= limit:
+                line = buf[self._pos:limit]
+                if b";" in line:
+                    raise errors.ChunkExtensionTooLong("chunk extension longer than %d bytes" % (
+                        self.max_chunk_ext,))
+                raise errors.BadChunkSize("chunk size line too long: %s" % _short(line))
+            if self._eof:
+                raise errors.IncompleteMessage("connection closed inside a chunk size line")
+            return NEED_DATA
+        line = bytes(buf[self._pos:i + 1])
+        match = _CHUNK_LINE.fullmatch(line)
+        if match is None:
+            if not line.endswith(b"\r\n"):
+                raise errors.BareLF("chunk size line ended by LF without CR: %s" % _short(line))
+            raise errors.BadChunkSize("invalid chunk size line: %s" % _short(line))
+        digits = match.group(1)
+        if len(digits) > _MAX_HEX_DIGITS:
+            raise errors.BadChunkSize("chunk size has more than %d hex digits: %s" % (
+                _MAX_HEX_DIGITS, _short(digits)))
+        if len(match.group(2)) > self.max_chunk_ext:
+            raise errors.ChunkExtensionTooLong("chunk extension longer than %d bytes" % (
+                self.max_chunk_ext,))
+        self._pos = i + 1
+        size = int(digits, 16)
+        if size == 0:
+            self._last_chunk = line
+            self._state = State.TRAILERS
+            self._reset_scan()
+            return self._step_trailers()
+        self._remaining = size
+        self._chunk_prefix = line
+        self._state = State.CHUNK_DATA
+        return self._step_chunk_data()
+
+    def _step_chunk_data(self):
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        remaining = self._remaining
+        if avail < remaining:
+            if not avail:
+                if self._eof:
+                    raise errors.IncompleteMessage("connection closed inside a chunk")
+                return NEED_DATA
+            prefix, self._chunk_prefix = self._chunk_prefix, b""
+            self._pos = pos + avail
+            self._remaining = remaining - avail
+            return Data(bytes(buf[pos:pos + avail]), prefix)
+        end = pos + remaining
+        if avail < remaining + 2:
+            # The data is here but not the CRLF after it: wait, so the last piece of a
+            # chunk always carries its suffix.
+            if avail == remaining + 1 and buf[end] != 13:
+                raise errors.BadChunk("chunk data not followed by CRLF: %s" % _short(
+                    buf[end:end + 2]))
+            if self._eof:
+                raise errors.IncompleteMessage("connection closed inside a chunk")
+            return NEED_DATA
+        if buf[end:end + 2] != b"\r\n":
+            raise errors.BadChunk("chunk data not followed by CRLF: %s" % _short(
+                buf[end:end + 2]))
+        prefix, self._chunk_prefix = self._chunk_prefix, b""
+        self._pos = end + 2
+        self._state = State.CHUNK_SIZE
+        return Data(bytes(buf[pos:end]), prefix, b"\r\n")
+
+    def _step_trailers(self):
+        end = self._find_block_end(self.max_header_bytes, errors.TrailersTooLarge,
+                                   errors.TrailersTooLarge, "trailer section")
+        if end is None:
+            if self._eof:
+                raise errors.IncompleteMessage("connection closed inside the trailer section")
+            return NEED_DATA
+        raw = bytes(self._buf[self._pos:end])
+        self._pos = end
+        fields = self._parse_fields(raw[:-2])
+        if len(fields) > self.max_headers:
+            raise errors.TrailersTooLarge("more than %d trailer fields" % self.max_headers)
+        for name, _ in fields:
+            if name.lower() in _TRAILER_FORBIDDEN:
+                raise errors.BadTrailer("%s is not allowed in trailers" % _short(name))
+        self._state = State.DONE
+        self._reset_scan()
+        return EndOfMessage(Headers(fields), self._last_chunk + raw)
+
+    def _step_done(self):
+        return PAUSED
+
+    def _step_closed(self):
+        return ConnectionClosed()
+
+    # --- head semantics shared by both roles ---------------------------------------------
+
+    def _framing(self, headers, version, is_request):
+        """Return (framing, content_length) from the framing fields, rejecting ambiguity."""
+        te_values = headers.get_all(b"transfer-encoding")
+        cl_values = headers.get_all(b"content-length")
+        if te_values:
+            if cl_values:
+                raise errors.ConflictingFraming(
+                    "both Transfer-Encoding and Content-Length: %s / %s" % (
+                        _short(te_values[0]), _short(cl_values[0])))
+            if version == b"1.0":
+                raise errors.BadTransferEncoding("Transfer-Encoding in an HTTP/1.0 message")
+            if len(te_values) > 1:
+                raise errors.BadTransferEncoding("more than one Transfer-Encoding field")
+            codings = [c.lower() for c in _csv(te_values[0])]
+            for coding in codings:
+                if coding not in _CODINGS:
+                    raise errors.BadTransferEncoding("unknown transfer coding %s" % _short(coding))
+            if codings.count(b"chunked") > 1 or (
+                    b"chunked" in codings and codings[-1] != b"chunked"):
+                raise errors.BadTransferEncoding("chunked must be the last coding, once: %s" % (
+                    _short(te_values[0]),))
+            if codings[-1] == b"chunked":
+                return Framing.CHUNKED, None
+            if is_request:
+                raise errors.BadTransferEncoding("request's final transfer coding is not "
+                                                 "chunked: %s" % _short(te_values[0]))
+            return Framing.CLOSE, None
+        if cl_values:
+            lengths = set()
+            for value in cl_values:
+                for item in _csv(value):
+                    if not _DIGITS.fullmatch(item):
+                        raise errors.BadContentLength("invalid Content-Length %s" % _short(value))
+                    lengths.add(int(item))
+            if len(lengths) > 1:
+                raise errors.BadContentLength("differing Content-Length values %s" % _short(
+                    b", ".join(cl_values)))
+            return Framing.LENGTH, lengths.pop()
+        return None, None
+
+
+def _connection_tokens(headers):
+    tokens = set()
+    for value in headers.get_all(b"connection"):
+        tokens.update(t.lower() for t in _csv(value))
+    return tokens
+
+
+class RequestParser(_Parser):
+    """Parses the requests a client sends."""
+
+    def _make_head(self, line, headers):
+        match = _REQUEST_LINE.fullmatch(line)
+        if match is None:
+            parts = line.split(b" ")
+            if len(parts) == 3 and _TOKEN_RE.fullmatch(parts[0]) and \
+                    _VERSION_LIKE.fullmatch(parts[2]) and parts[2][:5].upper() == b"HTTP/":
+                raise errors.UnsupportedVersion("unsupported version %s" % _short(parts[2]))
+            raise errors.BadRequestLine("malformed request line %s" % _short(line))
+        method, target, version = match.groups()
+        version = _VERSIONS.get(version)
+        if version is None:
+            raise errors.UnsupportedVersion("unsupported version %s" % _short(match.group(3)))
+        self._check_target(method, target)
+        hosts = headers.get_all(b"host")
+        if len(hosts) > 1:
+            raise errors.DuplicateHost("more than one Host field")
+        if hosts and not _HOST.fullmatch(hosts[0]):
+            raise errors.BadHost("invalid Host %s" % _short(hosts[0]))
+        if version == b"1.1" and not hosts:
+            raise errors.MissingHost("HTTP/1.1 request without Host")
+        framing, length = self._framing(headers, version, True)
+        if framing is None:
+            framing = Framing.NONE
+        elif framing is Framing.LENGTH and length == 0:
+            framing = Framing.NONE
+        tokens = _connection_tokens(headers)
+        keep_alive = (b"close" not in tokens) if version == b"1.1" else (b"keep-alive" in tokens)
+        expect = headers.get(b"expect")
+        head = RequestHead(
+            method, target, version, headers, framing, length, keep_alive,
+            expect_continue=version == b"1.1" and expect is not None
+            and expect.lower() == b"100-continue",
+            upgrade=b"upgrade" in tokens and b"upgrade" in headers)
+        self._enter_body(framing, length)
+        return head
+
+    @staticmethod
+    def _check_target(method, target):
+        if method == b"CONNECT":
+            if not _AUTHORITY.fullmatch(target):
+                raise errors.BadRequestLine("CONNECT needs host:port, got %s" % _short(target))
+        elif target == b"*":
+            if method != b"OPTIONS":
+                raise errors.BadRequestLine("asterisk-form target with %s" % _short(method))
+        elif target[:1] != b"/" and not _ABSOLUTE.fullmatch(target):
+            raise errors.BadRequestLine("invalid request target %s" % _short(target))
+
+
+class ResponseParser(_Parser):
+    """Parses the responses a server sends; call ``expect(method)`` for each request sent."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._methods = collections.deque()
+
+    def expect(self, method):
+        """Queue the method of a request whose response is due (in pipelining order)."""
+        self._methods.append(method)
+
+    def _step_head(self):
+        if not self._methods:
+            if self._eof and self._pos == len(self._buf):
+                self._state = State.CLOSED
+                return ConnectionClosed()
+            return NEED_DATA
+        return super()._step_head()
+
+    def _make_head(self, line, headers):
+        match = _STATUS_LINE.fullmatch(line)
+        if match is None:
+            raise errors.BadStatusLine("malformed status line %s" % _short(line))
+        version = _VERSIONS.get(match.group(1))
+        if version is None:
+            raise errors.UnsupportedVersion("unsupported version %s" % _short(match.group(1)))
+        status = int(match.group(2))
+        if status < 100:
+            raise errors.BadStatusLine("status code below 100: %s" % _short(line))
+        method = self._methods[0]
+        framing, length = self._framing(headers, version, False)
+        tokens = _connection_tokens(headers)
+        keep_alive = (b"close" not in tokens) if version == b"1.1" else (b"keep-alive" in tokens)
+        if 100 <= status < 200 or status in (204, 304) or method == b"HEAD" or (
+                method == b"CONNECT" and 200 <= status < 300):
+            framing = Framing.NONE
+        elif framing is None:
+            framing = Framing.CLOSE
+        if framing is Framing.CLOSE:
+            keep_alive = False
+        head = ResponseHead(version, status, match.group(3) or b"", headers, framing, length,
+                            keep_alive)
+        if 100 <= status < 200 and status != 101:
+            self._reset_scan()
+            return head          # informational: the final response follows
+        self._methods.popleft()
+        self._enter_body(framing, length)
+        return head
+
+
+_Parser._steps = {
+    State.HEAD: _Parser._step_head,
+    State.LENGTH: _Parser._step_length,
+    State.CHUNK_SIZE: _Parser._step_chunk_size,
+    State.CHUNK_DATA: _Parser._step_chunk_data,
+    State.TRAILERS: _Parser._step_trailers,
+    State.UNTIL_CLOSE: _Parser._step_until_close,
+    State.DONE: _Parser._step_done,
+    State.CLOSED: _Parser._step_closed,
+}
+ResponseParser._steps = {**_Parser._steps, State.HEAD: ResponseParser._step_head}

@@ -1,0 +1,38 @@
+"""Serialise heads and chunked framing.
+
+Owns: the bytes Sluice puts on the wire for a head or a chunk.  Never emits an empty chunk
+except the terminating last-chunk.
+"""
+
+
+def _fields(headers):
+    return b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+
+
+def write_request_head(head):
+    """``RequestHead`` -> bytes, fields in their order and case."""
+    return b"%s %s HTTP/%s\r\n%s\r\n" % (head.method, head.target, head.version,
+                                         _fields(head.headers))
+
+
+def write_response_head(head):
+    """``ResponseHead`` -> bytes; an empty reason still gets its separating space."""
+    return b"HTTP/%s %d %s\r\n%s\r\n" % (head.version, head.status, head.reason,
+                                         _fields(head.headers))
+
+
+def chunk_prefix(size, extensions=b""):
+    """The size line of a chunk of ``size`` bytes."""
+    return b"%x%s\r\n" % (size, extensions)
+
+
+def chunk(data, extensions=b""):
+    """One chunk holding ``data``; ``b""`` for empty data (that would end the body)."""
+    if not data:
+        return b""
+    return b"%x%s\r\n%s\r\n" % (len(data), extensions, data)
+
+
+def last_chunk(trailers=None):
+    """The last-chunk and the trailer section."""
+    return b"0\r\n%s\r\n" % (_fields(trailers) if trailers else b"")

@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+from appliance import __version__
+
+setup(
+    name="sluice",
+    version=__version__,
+    description="Transparent HTTP proxy appliance for Linux gateways: buffer or stream every body",
+    packages=find_packages(include=["appliance", "appliance.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "gevent>=23.9",
+        "dpkt>=1.9.8",
+        "netifaces-plus>=0.12",
+        "PyYAML>=6.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4", "hypothesis>=6.90", "h11>=0.14", "websocket-client>=1.6"],
+    },
+    entry_points={"console_scripts": ["sluice=appliance.cli:main"]},
+)
