@@ -1,0 +1,76 @@
+"""The ``sluice`` command: subcommands to exit codes.
+
+Owns: argument parsing and what each subcommand prints.  Must not touch: sockets, HTTP;
+``run`` hands the loaded configuration to ``appliance.server``.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+"""
+
+import argparse
+import sys
+
+import yaml
+
+from . import __version__, config
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _common(parser):
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="YAML configuration (default: the embedded default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="NAME=VALUE", help="override an option, e.g. timeouts.idle=2m")
+    parser.add_argument("--stream", metavar="SIZE",
+                        help="alias of --set stream_large_bodies=SIZE")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="sluice", description="Transparent HTTP proxy appliance: buffer or stream "
+                                   "every body.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, text in (("run", "run the proxy in the foreground, logging to stderr"),
+                       ("check", "validate the configuration (exit 2 on errors)"),
+                       ("config", "print the effective configuration as YAML")):
+        _common(sub.add_parser(name, help=text, description=text))
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def load_config(args):
+    overrides = list(args.overrides)
+    if args.stream is not None:
+        overrides.append("stream_large_bodies=%s" % args.stream)
+    return config.load(args.config, overrides=overrides)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print("sluice %s" % __version__)
+        return EXIT_OK
+    try:
+        cfg = load_config(args)
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        print("%s: ok" % (args.config or "<default>"))
+        return EXIT_OK
+    if args.command == "config":
+        yaml.safe_dump(_plain(config.to_plain(cfg)), sys.stdout, sort_keys=False)
+        return EXIT_OK
+    from . import server
+    return server.run(cfg)
+
+
+def _plain(value):
+    """Tuples to lists, so the YAML printed is plain."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

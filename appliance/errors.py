@@ -15,14 +15,11 @@ class SluiceError(Exception):
 
 
 class ConfigError(SluiceError):
-    """A configuration error; ``str()`` is ``FILE:LINE: message``."""
+    """One or more configuration errors; ``problems`` holds ``FILE:LINE: message`` lines."""
 
-    def __init__(self, message, source="<config>", line=None):
-        self.message = message
-        self.source = source
-        self.line = line
-        where = source if line is None else "%s:%d" % (source, line)
-        super().__init__("%s: %s" % (where, message))
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 # --- protocol errors (raised by appliance.http1) -------------------------------------------

@@ -124,6 +124,11 @@ class _Parser:
         return data
 
     @property
+    def buffered(self):
+        """How many received bytes are not parsed yet."""
+        return len(self._buf) - self._pos
+
+    @property
     def state(self):
         return self._state
 

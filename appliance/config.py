@@ -1,0 +1,359 @@
+"""Configuration: YAML (plus ``--set`` overrides) into frozen dataclasses.
+
+Owns: the option names, their types, defaults and syntax (sizes ``3m``, durations ``10s``),
+and error messages that name the file, line and key.  Must not touch: sockets, logging
+setup, anything that runs.
+
+Option names follow mitmproxy where one exists (``stream_large_bodies``,
+``stream_websockets``, ``body_size_limit``).  Every size option takes the same syntax, and
+every duration option too, because each field declares its kind and one converter per kind
+does the parsing.
+"""
+
+import dataclasses
+import re
+import typing
+
+import yaml
+
+from .errors import ConfigError
+
+KiB = 1024
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kKmMgG]?)[bB]?")
+_SIZE_UNITS = {"": 1, "k": KiB, "m": KiB ** 2, "g": KiB ** 3}
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}
+MODES = ("transparent", "regular", "tproxy")
+RELAYS = ("splice", "copy")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Invalid(Exception):
+    """A value that does not fit its option; the loader adds file, line and key."""
+
+
+# --- value converters, one per kind ------------------------------------------------------
+
+def parse_size(value):
+    """``3m`` -> 3145728.  Plain bytes or k/m/g (powers of 1024), either case."""
+    if isinstance(value, bool):
+        raise _Invalid("expected a size like 512k or 3m, got %r" % (value,))
+    if isinstance(value, int):
+        if value < 0:
+            raise _Invalid("a size cannot be negative: %r" % (value,))
+        return value
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match:
+            number, unit = match.groups()
+            if "." in number and not unit:
+                raise _Invalid("a fraction of a byte: %r" % (value,))
+            return int(float(number) * _SIZE_UNITS[unit.lower()])
+        if value.strip().startswith("-"):
+            raise _Invalid("a size cannot be negative: %r" % (value,))
+    raise _Invalid("expected a size like 512k or 3m, got %r" % (value,))
+
+
+def parse_duration(value):
+    """``500ms`` -> 0.5, ``10s`` -> 10.0, ``2m`` -> 120.0; a plain number is seconds."""
+    if isinstance(value, bool):
+        raise _Invalid("expected a duration like 500ms or 10s, got %r" % (value,))
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise _Invalid("a duration cannot be negative: %r" % (value,))
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise _Invalid("expected a duration like 500ms or 10s, got %r" % (value,))
+
+
+def _parse_int(value, low=0, high=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid("expected a whole number, got %r" % (value,))
+    if value < low or (high is not None and value > high):
+        raise _Invalid("%r is out of range (%s..%s)" % (value, low, high if high else ""))
+    return value
+
+
+def _parse_bool(value):
+    if not isinstance(value, bool):
+        raise _Invalid("expected true or false, got %r" % (value,))
+    return value
+
+
+def _parse_str(value):
+    if not isinstance(value, str):
+        raise _Invalid("expected a string, got %r" % (value,))
+    if any(c in value for c in "\r\n\0"):
+        raise _Invalid("CR, LF or NUL in %r" % (value,))
+    return value
+
+
+def _choice(options):
+    def parse(value):
+        if value not in options:
+            raise _Invalid("expected one of %s, got %r" % (", ".join(options), value))
+        return value
+    return parse
+
+
+def _optional(parse):
+    def parse_optional(value):
+        return None if value is None else parse(value)
+    return parse_optional
+
+
+def _str_list(value):
+    if not isinstance(value, list):
+        raise _Invalid("expected a list, got %r" % (value,))
+    return tuple(_parse_str(item) for item in value)
+
+
+def _no_crlf_tree(value):
+    """Rules are compiled by the rules module; here only no CR/LF/NUL may hide in them."""
+    if isinstance(value, str):
+        _parse_str(value)
+    elif isinstance(value, list):
+        for item in value:
+            _no_crlf_tree(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_crlf_tree(key)
+            _no_crlf_tree(item)
+    return value
+
+
+def _rules(value):
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        raise _Invalid("expected a list of rule mappings")
+    return tuple(_no_crlf_tree(value))
+
+
+def _opt(default, parse, doc):
+    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+def _section(cls, doc):
+    return dataclasses.field(default_factory=cls, metadata={"section": cls, "doc": doc})
+
+
+# --- the schema ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Listen:
+    host: str = _opt("127.0.0.1", _parse_str, "address to listen on; '::' is dual stack")
+    port: int = _opt(8080, lambda v: _parse_int(v, 1, 65535), "TCP port")
+    mode: str = _opt("regular", _choice(MODES), "transparent | regular | tproxy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+    connect: float = _opt(10.0, parse_duration, "connecting to the origin (then 504)")
+    header: float = _opt(30.0, parse_duration, "a client's whole request head (then 408)")
+    idle: float = _opt(60.0, parse_duration, "no progress in either direction (then close)")
+    drain: float = _opt(30.0, parse_duration, "in-flight exchanges after SIGTERM")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_header_bytes: int = _opt(64 * KiB, parse_size, "largest request/response head (431)")
+    max_headers: int = _opt(100, lambda v: _parse_int(v, 1), "most fields in a head (431)")
+    max_connections: int = _opt(4096, lambda v: _parse_int(v, 1), "concurrent client connections")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    dir: typing.Optional[str] = _opt(None, _optional(_parse_str), "flow store; null: off")
+    max_bytes: int = _opt(KiB ** 3, parse_size, "flow store size before rotation")
+
+
+@dataclasses.dataclass(frozen=True)
+class Admin:
+    host: str = _opt("127.0.0.1", _parse_str, "admin/metrics address")
+    port: typing.Optional[int] = _opt(None, _optional(lambda v: _parse_int(v, 1, 65535)),
+                                      "admin/metrics port; null: off")
+
+
+def _listen_list(value):
+    if not isinstance(value, list) or not value:
+        raise _Invalid("expected a non-empty list of {host, port, mode}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    listen: tuple = dataclasses.field(
+        default=(Listen(),), metadata={"list_of": Listen, "parse": _listen_list,
+                                       "doc": "listeners"})
+    stream_large_bodies: typing.Optional[int] = _opt(
+        1 * KiB ** 2, _optional(parse_size),
+        "stream bodies larger than this; null: stream only what rules say")
+    stream_websockets: bool = _opt(False, _parse_bool, "forward WebSocket frames at once")
+    body_size_limit: int = _opt(64 * KiB ** 2, parse_size, "largest body ever buffered")
+    relay: str = _opt("splice", _choice(RELAYS), "streamed bodies: splice (zero-copy) | copy")
+    timeouts: Timeouts = _section(Timeouts, "timeouts")
+    limits: Limits = _section(Limits, "limits")
+    rules: tuple = _opt((), _rules, "rules, first match wins")
+    rules_dir: typing.Optional[str] = _opt(None, _optional(_parse_str), "more rule files")
+    scripts: tuple = _opt((), _str_list, "mitmproxy-compatible scripts")
+    record: Record = _section(Record, "flow recording")
+    admin: Admin = _section(Admin, "admin endpoint")
+    workers: int = _opt(1, lambda v: _parse_int(v, 1, 256), "worker processes")
+    log_level: str = _opt("info", _choice(LOG_LEVELS), "debug | info | warning | error")
+
+
+# --- loading ------------------------------------------------------------------------------
+
+def _to_python(node, path, lines):
+    """A composed YAML node -> plain Python, recording each path's line in ``lines``."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in out:
+                raise _Duplicate(key, key_node.start_mark.line + 1)
+            out[key] = _to_python(value_node, path + (key,), lines)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(item, path + (i,), lines) for i, item in enumerate(node.value)]
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+
+
+class _Duplicate(Exception):
+    def __init__(self, key, line):
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+class _Builder:
+    """Validate a plain tree into dataclasses, collecting every problem."""
+
+    def __init__(self, source, lines, override_paths):
+        self.source = source
+        self.lines = lines
+        self.overrides = override_paths
+        self.problems = []
+
+    def where(self, path):
+        if path in self.overrides:
+            return "--set"
+        for cut in range(len(path), -1, -1):
+            line = self.lines.get(path[:cut])
+            if line is not None:
+                return "%s:%d" % (self.source, line)
+        return self.source
+
+    def problem(self, path, message):
+        key = ".".join(str(p) for p in path)
+        self.problems.append("%s: %s: %s" % (self.where(path), key or "config", message))
+
+    def build(self, cls, tree, path):
+        if tree is None:
+            tree = {}
+        if not isinstance(tree, dict):
+            self.problem(path, "expected a mapping, got %r" % (tree,))
+            return cls()
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in tree.items():
+            field = names.get(key)
+            if field is None:
+                self.problem(path + (key,), "unknown option (known: %s)" % ", ".join(names))
+                continue
+            converted = self.convert(field, value, path + (key,))
+            if converted is not _Invalid:
+                values[key] = converted
+        return cls(**values)
+
+    def convert(self, field, value, path):
+        meta = field.metadata
+        if "section" in meta:
+            return self.build(meta["section"], value, path)
+        try:
+            value = meta["parse"](value)
+        except _Invalid as exc:
+            self.problem(path, str(exc))
+            return _Invalid
+        if "list_of" in meta:
+            return tuple(self.build(meta["list_of"], item, path + (i,))
+                         for i, item in enumerate(value))
+        return value
+
+
+def _parse_override(text):
+    """``NAME=VALUE`` -> (path tuple, value parsed as a YAML scalar)."""
+    name, eq, raw = text.partition("=")
+    if not eq or not name.strip():
+        raise ConfigError(["--set %s: expected NAME=VALUE" % text])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(["--set %s: %s" % (text, exc)]) from exc
+    return tuple(name.strip().split(".")), value
+
+
+def load(path=None, text=None, overrides=()):
+    """Return the effective ``Config``: the file (or the embedded default), then overrides.
+
+    Raises ``ConfigError`` with every problem found, each as ``FILE:LINE: key: message``.
+    """
+    source = path or "<default>"
+    lines = {}
+    tree = {}
+    if path is not None and text is None:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise ConfigError(["%s: cannot read: %s" % (path, exc.strerror)]) from exc
+    if text is not None:
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            tree = _to_python(node, (), lines) if node is not None else {}
+        except _Duplicate as exc:
+            raise ConfigError(["%s:%d: %s: duplicate key" % (source, exc.line, exc.key)]) from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = ":%d" % (mark.line + 1) if mark is not None else ""
+            raise ConfigError(["%s%s: invalid YAML: %s" % (
+                source, line, getattr(exc, "problem", None) or exc)]) from None
+    override_paths = set()
+    for item in overrides:
+        opath, value = _parse_override(item)
+        if not isinstance(tree, dict):
+            break
+        node = tree
+        for part in opath[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[opath[-1]] = value
+        override_paths.add(opath)
+    builder = _Builder(source, lines, override_paths)
+    config = builder.build(Config, tree, ())
+    if builder.problems:
+        raise ConfigError(builder.problems)
+    return config
+
+
+def to_plain(config):
+    """A ``Config`` as plain data (for printing the effective configuration)."""
+    return dataclasses.asdict(config)
+
+
+def describe():
+    """(dotted name, default, doc) for every option, for docs and ``etc/sluice.yaml``."""
+    out = []
+
+    def walk(cls, prefix):
+        for field in dataclasses.fields(cls):
+            if "section" in field.metadata:
+                walk(field.metadata["section"], prefix + field.name + ".")
+            else:
+                default = field.default if field.default is not dataclasses.MISSING else None
+                out.append((prefix + field.name, default, field.metadata.get("doc", "")))
+    walk(Config, "")
+    return out
