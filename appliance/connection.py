@@ -264,7 +264,8 @@ class ClientConnection:
         early = None
         request_complete = True
         if head.expect_continue and head.framing is not Framing.NONE:
-            self._send_head(upward, request, self._out_request_fields(head), head.framing)
+            self._send_head(upward, request, self._out_request_fields(head), head.framing,
+                            head.content_length)
             early = self._await_continue()
             if early is None:
                 request_complete = self._forward_request_body(upward, request, head_sent=True)
