@@ -4,6 +4,7 @@ Owns: plain data, no I/O.  Wire values are ``bytes``.
 """
 
 import enum
+import re
 
 
 class Framing(enum.Enum):
@@ -27,6 +28,16 @@ class _Sentinel:
 
 NEED_DATA = _Sentinel("NEED_DATA")   # feed more bytes with receive_data()
 PAUSED = _Sentinel("PAUSED")         # message complete; call start_next() to go on
+
+
+_FIELD_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+
+
+def _check_field(name, value):
+    """Fields added by code (rules, scripts) must not smuggle CR/LF or NUL onto the wire."""
+    if not _FIELD_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+        raise ValueError("invalid header field %r: %r" % (name, value))
 
 
 class Headers:
@@ -62,6 +73,7 @@ class Headers:
 
     def set(self, name, value):
         """Replace every field called ``name`` by one field, in place of the first."""
+        _check_field(name, value)
         lower = name.lower()
         out, done = [], False
         for key, old in self.fields:
@@ -80,6 +92,7 @@ class Headers:
         self.fields = [(k, v) for k, v in self.fields if k.lower() != lower]
 
     def add(self, name, value):
+        _check_field(name, value)
         self.fields.append((name, value))
 
     def __iter__(self):

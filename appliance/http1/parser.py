@@ -25,6 +25,7 @@ _FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _TOKEN_RE = re.compile(_TOKEN)
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])")
 _VERSION_LIKE = re.compile(rb"[\x21-\x7e]*")
+_TARGET_CHARS = re.compile(rb"[\x21-\x7e]+")
 _STATUS_LINE = re.compile(rb"(HTTP/[0-9]\.[0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
 _HOST = re.compile(rb"(?:[-A-Za-z0-9._~%!$&'()*+;=]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
 _AUTHORITY = re.compile(rb"(?:[-A-Za-z0-9._~%!$&'()*+;=]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
@@ -390,7 +391,7 @@ class _Parser:
                 if coding not in _CODINGS:
                     raise errors.BadTransferEncoding("unknown transfer coding %s" % _short(coding))
             if codings.count(b"chunked") > 1 or (
-                    b"chunked" in codings and codings[-1] != b"chunked"):
+                    is_request and b"chunked" in codings and codings[-1] != b"chunked"):
                 raise errors.BadTransferEncoding("chunked must be the last coding, once: %s" % (
                     _short(te_values[0]),))
             if codings[-1] == b"chunked":
@@ -428,6 +429,7 @@ class RequestParser(_Parser):
         if match is None:
             parts = line.split(b" ")
             if len(parts) == 3 and _TOKEN_RE.fullmatch(parts[0]) and \
+                    _TARGET_CHARS.fullmatch(parts[1]) and \
                     _VERSION_LIKE.fullmatch(parts[2]) and parts[2][:5].upper() == b"HTTP/":
                 raise errors.UnsupportedVersion("unsupported version %s" % _short(parts[2]))
             raise errors.BadRequestLine("malformed request line %s" % _short(line))
@@ -445,8 +447,6 @@ class RequestParser(_Parser):
             raise errors.MissingHost("HTTP/1.1 request without Host")
         framing, length = self._framing(headers, version, True)
         if framing is None:
-            framing = Framing.NONE
-        elif framing is Framing.LENGTH and length == 0:
             framing = Framing.NONE
         tokens = _connection_tokens(headers)
         keep_alive = (b"close" not in tokens) if version == b"1.1" else (b"keep-alive" in tokens)
@@ -467,8 +467,12 @@ class RequestParser(_Parser):
         elif target == b"*":
             if method != b"OPTIONS":
                 raise errors.BadRequestLine("asterisk-form target with %s" % _short(method))
-        elif target[:1] != b"/" and not _ABSOLUTE.fullmatch(target):
-            raise errors.BadRequestLine("invalid request target %s" % _short(target))
+        elif target[:1] != b"/":
+            if not _ABSOLUTE.fullmatch(target):
+                raise errors.BadRequestLine("invalid request target %s" % _short(target))
+            authority = target.partition(b"://")[2].split(b"/", 1)[0]
+            if b"@" in authority:
+                raise errors.BadRequestLine("userinfo in request target %s" % _short(target))
 
 
 class ResponseParser(_Parser):
