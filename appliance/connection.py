@@ -210,7 +210,11 @@ class ClientConnection:
                 return event
 
     def _destination(self, head):
-        """Where this request goes; rewrites an absolute-form target (regular mode)."""
+        """Where this request goes.  An absolute-form target is rewritten to origin-form
+        after checking that it names the same authority as Host (else 400: an origin
+        would route by one and everything keyed on Host would see the other)."""
+        if head.method != b"CONNECT" and b"://" in head.target:
+            self._absolute_to_origin_form(head)
         if self.original_dst is not None:
             dst = self.original_dst
         else:
@@ -220,22 +224,25 @@ class ClientConnection:
         self.flow.server = dst
         return dst
 
+    def _absolute_to_origin_form(self, head):
+        scheme, _, rest = head.target.partition(b"://")
+        if scheme.lower() != b"http":
+            raise errors.BadRequestLine("only http:// targets can be proxied, got %r" % (
+                scheme,))
+        end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+        authority, path = rest[:end], rest[end:]
+        host = head.headers.get(b"host")
+        if host is None:
+            head.headers.fields.append((b"Host", authority))
+        elif _split_authority(host.lower()) != _split_authority(authority.lower()):
+            raise errors.BadHost("target authority %r differs from Host %r" % (authority, host))
+        head.target = path if path.startswith(b"/") else b"/" + path
+
     def _explicit_destination(self, head):
-        target = head.target
-        if head.method == b"CONNECT":
-            authority = target
-        elif b"://" in target:
-            scheme, _, rest = target.partition(b"://")
-            if scheme.lower() != b"http":
-                raise errors.BadRequestLine("only http:// targets can be proxied, got %r" % (
-                    scheme,))
-            authority, slash, path = rest.partition(b"/")
-            head.target = b"/" + path if slash else b"/"
-        else:
-            authority = head.headers.get(b"host", b"")
+        authority = head.target if head.method == b"CONNECT" else head.headers.get(b"host", b"")
         host, port = _split_authority(authority)
         if not host:
-            raise errors.BadHost("no destination in %r" % (target,))
+            raise errors.BadHost("no destination in %r" % (head.target,))
         return host, port
 
     def _ensure_upstream(self, dst):
