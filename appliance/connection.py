@@ -93,7 +93,7 @@ class ClientConnection:
         self.buf = None
         self.flow = None
         self.responded = False        # a response byte went to the client for this request
-        self.idle = True              # waiting for the first byte of a request
+        self.idle = False             # waiting for the first byte of a next request
         self.threshold = INFINITY if cfg.stream_large_bodies is None else cfg.stream_large_bodies
 
     # --- the one place that maps exceptions to answers ----------------------------------
@@ -165,7 +165,6 @@ class ClientConnection:
             if head is None:
                 return
             first = False
-            self.responded = False
             self.flow = Flow(self.client_addr, self.original_dst or ("-", 0), self.listen.mode)
             self.ctx.flows_total += 1
             dst = self._destination(head)
@@ -175,6 +174,8 @@ class ClientConnection:
             if not self._exchange(head, dst):
                 return
             self.parser.start_next()
+            self.responded = False     # errors in the next request get their answer
+            self.flow = None
 
     def _read_request_head(self, first):
         """The next request head, or None when the client closed (or idled out) cleanly."""
@@ -213,6 +214,10 @@ class ClientConnection:
         """Where this request goes.  An absolute-form target is rewritten to origin-form
         after checking that it names the same authority as Host (else 400: an origin
         would route by one and everything keyed on Host would see the other)."""
+        if head.method == b"CONNECT" and self.listen.mode != "regular":
+            # An intercepted connection was going to an origin, not to a proxy: a tunnel
+            # would carry bytes past the parser (and every check) to that origin.
+            raise errors.BadRequestLine("CONNECT is only served by a regular listener")
         if head.method != b"CONNECT" and b"://" in head.target:
             self._absolute_to_origin_form(head)
         if self.original_dst is not None:
@@ -281,7 +286,7 @@ class ClientConnection:
         flow.mark("request_sent")
         response_head = early or self._read_response_head()
         response = flow.response = Response(response_head)
-        if response_head.status == 101 and head.upgrade:
+        if response_head.status == 101 and _websocket_upgrade(head):
             self._send_response_head(response_head, self._out_response_fields(response_head,
                                                                              upgrade=True))
             self._tunnel_upgraded()
@@ -351,7 +356,9 @@ class ClientConnection:
 
     def _out_request_fields(self, head):
         fields = _strip_hop_by_hop(head.headers)
-        if head.upgrade:
+        if _websocket_upgrade(head):
+            # Only WebSocket is let through; h2c and other upgrades would open a tunnel that
+            # bypasses the parser (h2c smuggling), so the origin sees a plain request.
             fields.append((b"Connection", b"Upgrade"))
             fields.append((b"Upgrade", head.headers.get(b"upgrade")))
         return fields
@@ -626,26 +633,35 @@ class ClientConnection:
         workers = [gevent.spawn(self._pump, self.client, self.server),
                    gevent.spawn(self._pump, self.server, self.client)]
         try:
-            gevent.joinall(workers, raise_error=True)
+            for done in gevent.iwait(workers):
+                if done.value is not None:     # one side failed: the tunnel is over
+                    self._log_error("tunnel closed: %s" % done.value)
+                    break
+            else:
+                return
         finally:
             gevent.killall(workers)
 
     def _pump(self, src, dst):
-        """One direction of a tunnel; an idle direction waits while the other moves."""
+        """One direction of a tunnel; an idle direction waits while the other moves.
+        Returns None at a clean EOF, or the exception that ended it."""
         buf = bytearray(relay.RECV_SIZE)
         view = memoryview(buf)
-        while True:
-            try:
-                n = src.recv_into(buf)
-            except relay.IdleTimeout:
-                if time.monotonic() - self._progress < self.cfg.timeouts.idle:
-                    continue
-                raise
-            if not n:
-                dst.shutdown_write()
-                return
-            self._progress = time.monotonic()
-            dst.sendall(view[:n])
+        try:
+            while True:
+                try:
+                    n = src.recv_into(buf)
+                except relay.IdleTimeout:
+                    if time.monotonic() - self._progress < self.cfg.timeouts.idle:
+                        continue
+                    raise
+                if not n:
+                    dst.shutdown_write()
+                    return None
+                self._progress = time.monotonic()
+                dst.sendall(view[:n])
+        except (relay.IdleTimeout, relay.PeerGone) as exc:
+            return exc
 
     # --- logging -----------------------------------------------------------------------
 
@@ -658,6 +674,14 @@ class ClientConnection:
                  response_head.status, response_head.reason.decode("latin-1"),
                  "; ".join(flow.decisions) or "no bodies",
                  flow.request.body_size, flow.response.body_size)
+
+
+def _websocket_upgrade(head):
+    """True for a request asking to upgrade to WebSocket (and nothing else)."""
+    if not head.upgrade:
+        return False
+    tokens = [t.strip(b" \t").lower() for t in head.headers.get(b"upgrade", b"").split(b",")]
+    return tokens == [b"websocket"]
 
 
 def _split_authority(authority):

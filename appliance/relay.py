@@ -31,7 +31,7 @@ class IdleTimeout(Exception):
     """No progress for ``idle`` seconds while waiting on a peer."""
 
     def __init__(self, peer):
-        super().__init__("%s idle" % peer.name)
+        super().__init__("%s: no progress for %gs" % (peer.name, peer.idle))
         self.peer = peer
 
 
