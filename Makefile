@@ -41,8 +41,16 @@ integration: deps venv
 bench-parser: venv
 	$(PY) -m tests.bench.parser
 
-bench: deps venv bench-parser
-	$(PY) -m tests.bench.proxy
+# mitmproxy 11, the benchmark's reference, in its own virtual environment (never in .venv).
+MITM_VENV := .venv-mitm
+MITMDUMP  := $(MITM_VENV)/bin/mitmdump
+
+$(MITMDUMP):
+	$(PYTHON) -m venv $(MITM_VENV)
+	$(MITM_VENV)/bin/pip install -q 'mitmproxy>=11,<12'
+
+bench: deps venv bench-parser $(MITMDUMP)
+	$(PY) -m tests.bench.proxy --mitmdump $(MITMDUMP) $(if $(BENCH_JSON),--json $(BENCH_JSON))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -202,6 +202,11 @@ class ClientConnection:
                             raise relay.IdleTimeout(self.client)
                         data = self.client.recv(seconds=left)
                     except relay.IdleTimeout:
+                        if not self.parser.buffered:
+                            # Not one byte (a browser's preconnect): close without a 408.
+                            log.debug("conn %s:%d: no request within %gs, closing", *(
+                                self.client_addr + (self.cfg.timeouts.header,)))
+                            return None
                         raise errors.ClientTimeout("request head not complete within %gs" % (
                             self.cfg.timeouts.header,)) from None
                 self.parser.receive_data(data)
@@ -298,7 +303,10 @@ class ClientConnection:
         out_framing = self._forward_body(downward, response, keep_client, head_sent=False,
                                          request_method=head.method)
         flow.mark("response_sent")
-        self.server_reusable = response_head.keep_alive and request_complete and early is None
+        # Bytes after a complete response were never asked for: reusing the connection
+        # would serve them as the answer to the next request (response queue poisoning).
+        self.server_reusable = (response_head.keep_alive and request_complete and early is None
+                                and not self.rparser.buffered)
         if self.server_reusable:
             self.rparser.start_next()
         self._log_flow(head, response_head)
