@@ -57,12 +57,14 @@ class _Direction:
 
 
 def _strip_hop_by_hop(headers):
-    """The end-to-end fields of ``headers`` (RFC 9110 7.6.1), plus the framing fields."""
-    named = set()
-    for value in headers.get_all(b"connection"):
-        named.update(token.strip(b" \t").lower() for token in value.split(b","))
-    return [(k, v) for k, v in headers.fields
-            if k.lower() not in _HOP_BY_HOP and k.lower() not in named]
+    """The end-to-end fields of ``headers`` (RFC 9110 7.6.1), without the framing fields."""
+    index = headers.index()
+    drop = _HOP_BY_HOP
+    for value in index.get(b"connection", ()):
+        drop = drop.union(token.strip(b" \t").lower() for token in value.split(b","))
+    if drop.isdisjoint(index):
+        return list(headers.fields)
+    return [(k, v) for k, v in headers.fields if k.lower() not in drop]
 
 
 def _describe(size):
@@ -190,9 +192,9 @@ class ClientConnection:
                         return None
                     self.idle = True
                     try:
-                        data = self.client.recv()
-                    except relay.IdleTimeout:
-                        return None
+                        data = self.client.recv(wait_first=True)
+                    except (relay.IdleTimeout, relay.PeerGone):
+                        return None        # a keep-alive client leaving between requests
                     finally:
                         self.idle = False
                 else:
@@ -243,7 +245,7 @@ class ClientConnection:
         authority, path = rest[:end], rest[end:]
         host = head.headers.get(b"host")
         if host is None:
-            head.headers.fields.append((b"Host", authority))
+            head.headers.add(b"Host", authority)
         elif _split_authority(host.lower()) != _split_authority(authority.lower()):
             raise errors.BadHost("target authority %r differs from Host %r" % (authority, host))
         head.target = path if path.startswith(b"/") else b"/" + path
@@ -347,7 +349,7 @@ class ClientConnection:
                 raise errors.BadUpstreamResponse("invalid response from %s: %s" % (
                     self._dst_text(), exc)) from exc
             if event is NEED_DATA:
-                parser.receive_data(self.server.recv())
+                parser.receive_data(self.server.recv(wait_first=True))
                 continue
             if type(event) is ConnectionClosed:
                 raise errors.UpstreamClosed("%s closed the connection without a response" % (
@@ -511,8 +513,9 @@ class ClientConnection:
             raise errors.BodyTooLarge("request body: %s" % text)
         raise errors.BadUpstreamResponse("response body must be buffered: %s" % text)
 
-    def _next(self, d):
-        """The source parser's next event, reading as needed; upstream faults are 502."""
+    def _next(self, d, before_read=None):
+        """The source parser's next event, reading as needed; upstream faults are 502.
+        ``before_read`` runs before each read (to flush what is pending: backpressure)."""
         parser = d.parser
         while True:
             try:
@@ -524,7 +527,9 @@ class ClientConnection:
                     self._dst_text(), exc)) from exc
             if event is not NEED_DATA:
                 return event
-            parser.receive_data(d.src.recv())
+            if before_read is not None:
+                before_read()
+            parser.receive_data(d.src.recv(relay.STREAM_RECV_SIZE))
 
     def _expect_end(self, d):
         event = self._next(d)
@@ -591,15 +596,27 @@ class ClientConnection:
             return
         dst = d.dst
         chunked = out is Framing.CHUNKED
+        pending = []    # every piece one read yields goes out in one send
+
+        def flush():
+            if pending:
+                dst.sendall(b"".join(pending))
+                del pending[:]
+        size = 0
         while True:
-            event = self._next(d)
+            event = self._next(d, flush)
             if type(event) is Data:
-                message.body_size += len(event.data)
-                dst.sendall(event.prefix + event.data + event.suffix if chunked else event.data)
+                size += len(event.data)
+                if chunked:
+                    pending += (event.prefix, event.data, event.suffix)
+                else:
+                    pending.append(event.data)
             else:
+                message.body_size += size
                 message.trailers = event.trailers
                 if chunked:
-                    dst.sendall(event.raw or b"0\r\n\r\n")
+                    pending.append(event.raw or b"0\r\n\r\n")
+                flush()
                 return
 
     def _stream_until_close(self, d, message):
@@ -674,6 +691,8 @@ class ClientConnection:
     # --- logging -----------------------------------------------------------------------
 
     def _log_flow(self, request_head, response_head):
+        if not log.isEnabledFor(logging.INFO):
+            return
         flow = self.flow
         log.info("flow %d %s:%d %s %s%s -> %d %s | %s | req %d B, resp %d B", flow.id,
                  self.client_addr[0], self.client_addr[1],

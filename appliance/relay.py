@@ -12,6 +12,7 @@ progress for that long raises ``IdleTimeout``.  OS errors become ``PeerGone``.
 import errno
 import fcntl
 import os
+import select
 import socket
 
 from gevent import Timeout, get_hub
@@ -22,7 +23,8 @@ SPLICE_F_MORE = getattr(os, "SPLICE_F_MORE", 4)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1024 * 1024
 COPY_SIZE = 256 * 1024
-RECV_SIZE = 64 * 1024
+RECV_SIZE = 64 * 1024             # heads and buffered bodies
+STREAM_RECV_SIZE = 256 * 1024     # bodies streamed through the parser (chunked)
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT,
          errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED)
 
@@ -30,8 +32,9 @@ _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN, errno.E
 class IdleTimeout(Exception):
     """No progress for ``idle`` seconds while waiting on a peer."""
 
-    def __init__(self, peer):
-        super().__init__("%s: no progress for %gs" % (peer.name, peer.idle))
+    def __init__(self, peer, seconds=None):
+        super().__init__("%s: no progress for %gs" % (
+            peer.name, peer.idle if seconds is None else seconds))
         self.peer = peer
 
 
@@ -57,14 +60,16 @@ class Peer:
         self._read_watcher = loop.io(self.fd, 1)
         self._write_watcher = loop.io(self.fd, 2)
         self._timer = Timeout(idle, IdleTimeout(self))
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN | select.POLLRDHUP)
         self.eof = False
         self.bytes_in = 0
         self.bytes_out = 0
 
     def _wait(self, watcher, seconds=None):
-        timer = self._timer
-        timer.cancel()
-        timer.seconds = self.idle if seconds is None else seconds
+        # gevent fixes a Timeout's interval when it is made: the idle timer is made once
+        # and reused; any other limit (a header deadline, the Expect wait) gets its own.
+        timer = self._timer if seconds is None else Timeout(seconds, IdleTimeout(self, seconds))
         timer.start()
         try:
             get_hub().wait(watcher)
@@ -77,8 +82,11 @@ class Peer:
     def wait_write(self):
         self._wait(self._write_watcher)
 
-    def recv(self, size=RECV_SIZE, seconds=None):
-        """Up to ``size`` bytes; ``b""`` at EOF."""
+    def recv(self, size=RECV_SIZE, seconds=None, wait_first=False):
+        """Up to ``size`` bytes; ``b""`` at EOF.  ``wait_first`` when the bytes are not
+        likely there yet (saves a failing syscall)."""
+        if wait_first:
+            self.wait_read(seconds)
         while True:
             try:
                 data = self._raw.recv(size)
@@ -121,13 +129,7 @@ class Peer:
 
     def is_stale(self):
         """True if the peer has closed (or sent something unasked) while we were idle."""
-        try:
-            self._raw.recv(1, socket.MSG_PEEK)   # EOF or unasked bytes: either way, stale
-        except BlockingIOError:
-            return False
-        except OSError:
-            pass
-        return True
+        return bool(self._poll.poll(0))     # readable: EOF or unasked bytes, either way stale
 
     def shutdown_write(self):
         try:

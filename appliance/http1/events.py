@@ -43,27 +43,37 @@ def _check_field(name, value):
 class Headers:
     """An ordered list of ``(name, value)`` byte pairs; lookups ignore case.
 
-    Names keep the case they had on the wire, so forwarding changes nothing.
+    Names keep the case they had on the wire, so forwarding changes nothing.  Lookups go
+    through an index of lowercased names, built once (the parser hands it over) and dropped
+    on every change.  Change fields through the methods, not by editing ``fields``.
     """
 
-    __slots__ = ("fields",)
+    __slots__ = ("fields", "_index")
 
-    def __init__(self, fields=()):
+    def __init__(self, fields=(), index=None):
         self.fields = list(fields)
+        self._index = index
+
+    def index(self):
+        """``{lowercased name: [values]}``."""
+        index = self._index
+        if index is None:
+            index = {}
+            for key, value in self.fields:
+                index.setdefault(key.lower(), []).append(value)
+            self._index = index
+        return index
 
     def get(self, name, default=None):
-        name = name.lower()
-        for key, value in self.fields:
-            if key.lower() == name:
-                return value
-        return default
+        values = self.index().get(name.lower())
+        return values[0] if values else default
 
     def get_all(self, name):
-        name = name.lower()
-        return [value for key, value in self.fields if key.lower() == name]
+        """Every value of ``name`` (the index's own list: do not modify it)."""
+        return self.index().get(name.lower(), [])
 
     def __contains__(self, name):
-        return self.get(name) is not None
+        return name.lower() in self.index()
 
     def __getitem__(self, name):
         value = self.get(name)
@@ -86,14 +96,17 @@ class Headers:
         if not done:
             out.append((name, value))
         self.fields = out
+        self._index = None
 
     def remove(self, name):
         lower = name.lower()
         self.fields = [(k, v) for k, v in self.fields if k.lower() != lower]
+        self._index = None
 
     def add(self, name, value):
         _check_field(name, value)
         self.fields.append((name, value))
+        self._index = None
 
     def __iter__(self):
         return iter(self.fields)

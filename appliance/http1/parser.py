@@ -42,6 +42,8 @@ _MAX_HEX_DIGITS = 16
 
 
 class State(enum.Enum):
+    __hash__ = object.__hash__      # members are singletons; Enum's own hash is Python code
+
     HEAD = "head"
     LENGTH = "length"
     CHUNK_SIZE = "chunk-size"
@@ -56,6 +58,12 @@ class State(enum.Enum):
 def _short(data, limit=40):
     data = bytes(data)
     return repr(data if len(data) <= limit else data[:limit] + b"...")
+
+
+def _copy(buf, start, end):
+    """``bytes`` of ``buf[start:end]`` in one copy (slicing a bytearray would copy twice)."""
+    with memoryview(buf) as view:
+        return view[start:end].tobytes()
 
 
 def _csv(value):
@@ -118,7 +126,7 @@ class _Parser:
 
     def take_buffered(self):
         """Return and forget the bytes received but not parsed (for a tunnel)."""
-        data = bytes(self._buf[self._pos:])
+        data = _copy(self._buf, self._pos, len(self._buf))
         del self._buf[:]
         self._pos = 0
         self._reset_scan()
@@ -203,10 +211,17 @@ class _Parser:
         if not _FIELDS.fullmatch(block):
             _diagnose_fields(block)
         fields = []
+        index = {}
         for line in block[:-2].split(b"\r\n") if block else ():
             name, _, value = line.partition(b":")
-            fields.append((name, value.strip(b" \t")))
-        return fields
+            value = value.strip(b" \t")
+            fields.append((name, value))
+            lower = name.lower()
+            if lower in index:
+                index[lower].append(value)
+            else:
+                index[lower] = [value]
+        return Headers(fields, index)
 
     def _step_head(self):
         buf = self._buf
@@ -228,10 +243,10 @@ class _Parser:
         head = bytes(buf[self._pos:end])
         self._pos = end
         line_end = head.index(b"\r\n")
-        fields = self._parse_fields(head[line_end + 2:-2])
-        if len(fields) > self.max_headers:
+        headers = self._parse_fields(head[line_end + 2:-2])
+        if len(headers) > self.max_headers:
             raise errors.TooManyHeaders("more than %d fields in head" % self.max_headers)
-        event = self._make_head(head[:line_end], Headers(fields))
+        event = self._make_head(head[:line_end], headers)
         self._reset_scan()
         return event
 
@@ -259,7 +274,7 @@ class _Parser:
                     self._remaining,))
             return NEED_DATA
         take = avail if avail < self._remaining else self._remaining
-        data = bytes(self._buf[self._pos:self._pos + take])
+        data = _copy(self._buf, self._pos, self._pos + take)
         self._pos += take
         self._remaining -= take
         return Data(data)
@@ -267,7 +282,7 @@ class _Parser:
     def _step_until_close(self):
         avail = len(self._buf) - self._pos
         if avail:
-            data = bytes(self._buf[self._pos:])
+            data = _copy(self._buf, self._pos, len(self._buf))
             self._pos = len(self._buf)
             return Data(data)
         if self._eof:
@@ -327,7 +342,7 @@ class _Parser:
             prefix, self._chunk_prefix = self._chunk_prefix, b""
             self._pos = pos + avail
             self._remaining = remaining - avail
-            return Data(bytes(buf[pos:pos + avail]), prefix)
+            return Data(_copy(buf, pos, pos + avail), prefix)
         end = pos + remaining
         if avail < remaining + 2:
             # The data is here but not the CRLF after it: wait, so the last piece of a
@@ -344,7 +359,7 @@ class _Parser:
         prefix, self._chunk_prefix = self._chunk_prefix, b""
         self._pos = end + 2
         self._state = State.CHUNK_SIZE
-        return Data(bytes(buf[pos:end]), prefix, b"\r\n")
+        return Data(_copy(buf, pos, end), prefix, b"\r\n")
 
     def _step_trailers(self):
         end = self._find_block_end(self.max_header_bytes, errors.TrailersTooLarge,
@@ -355,15 +370,14 @@ class _Parser:
             return NEED_DATA
         raw = bytes(self._buf[self._pos:end])
         self._pos = end
-        fields = self._parse_fields(raw[:-2])
-        if len(fields) > self.max_headers:
+        trailers = self._parse_fields(raw[:-2])
+        if len(trailers) > self.max_headers:
             raise errors.TrailersTooLarge("more than %d trailer fields" % self.max_headers)
-        for name, _ in fields:
-            if name.lower() in _TRAILER_FORBIDDEN:
-                raise errors.BadTrailer("%s is not allowed in trailers" % _short(name))
+        for name in _TRAILER_FORBIDDEN.intersection(trailers.index()):
+            raise errors.BadTrailer("%s is not allowed in trailers" % _short(name))
         self._state = State.DONE
         self._reset_scan()
-        return EndOfMessage(Headers(fields), self._last_chunk + raw)
+        return EndOfMessage(trailers, self._last_chunk + raw)
 
     def _step_done(self):
         return PAUSED
@@ -375,8 +389,9 @@ class _Parser:
 
     def _framing(self, headers, version, is_request):
         """Return (framing, content_length) from the framing fields, rejecting ambiguity."""
-        te_values = headers.get_all(b"transfer-encoding")
-        cl_values = headers.get_all(b"content-length")
+        index = headers.index()
+        te_values = index.get(b"transfer-encoding")
+        cl_values = index.get(b"content-length")
         if te_values:
             if cl_values:
                 raise errors.ConflictingFraming(
@@ -415,8 +430,11 @@ class _Parser:
 
 
 def _connection_tokens(headers):
+    values = headers.index().get(b"connection")
+    if not values:
+        return frozenset()
     tokens = set()
-    for value in headers.get_all(b"connection"):
+    for value in values:
         tokens.update(t.lower() for t in _csv(value))
     return tokens
 
@@ -438,7 +456,7 @@ class RequestParser(_Parser):
         if version is None:
             raise errors.UnsupportedVersion("unsupported version %s" % _short(match.group(3)))
         self._check_target(method, target)
-        hosts = headers.get_all(b"host")
+        hosts = headers.index().get(b"host", ())
         if len(hosts) > 1:
             raise errors.DuplicateHost("more than one Host field")
         if hosts and not _HOST.fullmatch(hosts[0]):
