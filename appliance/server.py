@@ -1,11 +1,15 @@
-"""Listeners, the connection pool, signals and draining.
+"""Listeners, the connection pool, workers, signals and draining.
 
 Owns: one gevent ``StreamServer`` per ``listen`` entry (transparent, regular or tproxy; a
 listener on ``::`` is dual stack), ``spawn=Pool(limits.max_connections)``, logging setup,
-SIGTERM/SIGINT draining.  Must not touch: HTTP (``connection.py`` serves each client).
+SIGTERM/SIGINT draining, and ``workers: N``: N processes, each with its own ``SO_REUSEPORT``
+listeners (the kernel spreads connections), under a parent that forwards signals and waits.
+Must not touch: HTTP (``connection.py`` serves each client).
 """
 
+import ctypes
 import logging
+import os
 import signal
 import socket
 import sys
@@ -23,9 +27,13 @@ log = logging.getLogger("sluice")
 BACKLOG = 1024
 
 
-def setup_logging(level):
+PR_SET_PDEATHSIG = 1
+
+
+def setup_logging(level, worker=None):
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    tag = "" if worker is None else "[w%d] " % worker
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s " + tag + "%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -36,6 +44,7 @@ def make_listener(listen):
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = gsocket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     if listen.mode == "tproxy":
@@ -86,7 +95,64 @@ class Proxy:
 
 def run(cfg):
     """``sluice run``: serve until SIGTERM/SIGINT, then drain; returns the exit code."""
+    if cfg.workers == 1:
+        setup_logging(cfg.log_level)
+        return serve(cfg)
     setup_logging(cfg.log_level)
+    return _supervise(cfg)
+
+
+def _supervise(cfg):
+    """Fork ``cfg.workers`` workers (before any gevent loop exists here), forward
+    SIGTERM/SIGINT/SIGHUP to them, and wait.  Exit 0 only if every worker did."""
+    children = {}
+    for worker in range(cfg.workers):
+        pid = os.fork()
+        if pid == 0:
+            _die_with_parent()
+            setup_logging(cfg.log_level, worker)
+            code = 1
+            try:
+                code = serve(cfg)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = worker
+    log.info("%d workers: %s", cfg.workers, " ".join(str(p) for p in children))
+
+    def forward(signum, _frame):
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    failed = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        worker = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            failed += 1
+            log.error("worker %s (pid %d) exited with %d", worker, pid, code)
+            forward(signal.SIGTERM, None)      # one worker down: stop the rest, fail
+    return 1 if failed else 0
+
+
+def _die_with_parent():
+    """A worker gets SIGTERM if the supervisor dies (even by SIGKILL)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.warning("cannot set PR_SET_PDEATHSIG: a worker may outlive a killed supervisor")
+
+
+def serve(cfg):
+    """One process's proxy: listen, serve until SIGTERM/SIGINT, drain."""
     proxy = Proxy(cfg)
     try:
         proxy.start()

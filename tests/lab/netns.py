@@ -143,9 +143,12 @@ class Namespace:
         _run(self.argv(["sysctl", "-q", "-w", *pairs]))
 
     def listening(self, port: int, pid: int | None = None) -> bool:
-        """Is a socket in this namespace (owned by `pid`, if given) listening on TCP `port`?"""
+        """Is a socket in this namespace (owned by `pid` or one of its children, if given)
+        listening on TCP `port`?"""
         out = _run(self.argv(["ss", "-Hltnp", "sport = :%d" % port])).stdout
-        return bool(out.strip()) if pid is None else "pid=%d," % pid in out
+        if pid is None:
+            return bool(out.strip())
+        return any("pid=%d," % owner in out for owner in (pid, *_children(pid)))
 
     def wait_listening(self, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
         """Poll until TCP `port` listens (on a socket of `proc`, if given); raise LabError on
@@ -190,6 +193,15 @@ class Namespace:
         for failure in failures:
             log.error("%s", failure)
         return failures
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` (a proxy running `workers: N` listens in its children)."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
 
 
 def netns_list() -> list[str]:
