@@ -43,7 +43,6 @@ class Context:
         self.own_ports = own_ports
         self.draining = False
         self.connections = set()
-        self.flows_total = 0
 
 
 class _Direction:
@@ -97,6 +96,9 @@ class ClientConnection:
         self.responded = False        # a response byte went to the client for this request
         self.idle = False             # waiting for the first byte of a next request
         self.threshold = INFINITY if cfg.stream_large_bodies is None else cfg.stream_large_bodies
+        self.threshold_text = ("body_size_limit %d" % cfg.body_size_limit
+                               if self.threshold is INFINITY
+                               else "stream_large_bodies %d" % self.threshold)
 
     # --- the one place that maps exceptions to answers ----------------------------------
 
@@ -112,11 +114,10 @@ class ClientConnection:
                 self._fail(504, "no response from %s within %gs" % (
                     self._dst_text(), self.cfg.timeouts.idle))
             else:
-                self._log_error("%s: no progress for %gs, closing" % (
-                    exc.peer.name, self.cfg.timeouts.idle))
+                self._log_error("%s, closing" % exc)
         except relay.PeerGone as exc:
             if exc.peer is self.server and not self.responded:
-                self._fail(502, "%s %s" % (self._dst_text(), str(exc).split(" ", 2)[-1]))
+                self._fail(502, "%s %s" % (self._dst_text(), exc.reason))
             else:
                 self._log_error(str(exc))
         except Exception:     # a bug of ours: 500, and the traceback in the log
@@ -168,7 +169,6 @@ class ClientConnection:
                 return
             first = False
             self.flow = Flow(self.client_addr, self.original_dst or ("-", 0), self.listen.mode)
-            self.ctx.flows_total += 1
             dst = self._destination(head)
             if head.method == b"CONNECT":
                 self._tunnel_connect(head, dst)
@@ -433,14 +433,14 @@ class ClientConnection:
         if framing is Framing.LENGTH:
             size = head.content_length
             if reason is None and size > self.threshold:
-                reason = "%s > stream_large_bodies %d" % (_describe(size), self.threshold)
+                reason = ("Content-Length %d > stream_large_bodies %d", size, self.threshold)
             if reason is not None:
                 self._decided(d, "stream", reason)
                 send(Framing.LENGTH, size)
                 self._stream_length(d, message)
                 return Framing.LENGTH
             self._check_limit(d, size)
-            self._decided(d, "buffer", "%s <= %s" % (_describe(size), self._threshold_text()))
+            self._decided(d, "buffer", ("Content-Length %d <= %s", size, self.threshold_text))
             body, _ = self._buffer(d, message, size)
             send(Framing.LENGTH, size, body)
             if head_sent:
@@ -455,8 +455,8 @@ class ClientConnection:
         cap = min(self.threshold, self.cfg.body_size_limit)
         pieces, end = self._buffer(d, message, None, cap)
         if end is not None:
-            self._decided(d, "buffer", "%s, %d bytes <= %s" % (
-                framing.name.lower(), message.body_size, self._threshold_text()))
+            self._decided(d, "buffer", ("%s, %d bytes <= %s", framing.name.lower(),
+                                        message.body_size, self.threshold_text))
             message.content = b"".join(p.data for p in pieces)
             if out is Framing.CHUNKED:
                 wire = b"".join(p.prefix + p.data + p.suffix for p in pieces) + (
@@ -473,7 +473,7 @@ class ClientConnection:
         if self.threshold is INFINITY:
             self._too_large(d, "%s body over body_size_limit %d" % (
                 framing.name.lower(), self.cfg.body_size_limit))
-        self._decided(d, "stream", "%s, more than %d bytes" % (framing.name.lower(), cap))
+        self._decided(d, "stream", ("%s, more than %d bytes", framing.name.lower(), cap))
         if out is Framing.CHUNKED:
             wire = b"".join(p.prefix + p.data + p.suffix for p in pieces)
         else:
@@ -486,22 +486,15 @@ class ClientConnection:
 
     def _stream_reason(self, message, head):
         if message.stream:
-            return "stream set by a script"
+            return ("stream set by a script",)
         if not isinstance(head, RequestHead):
             ctype = head.headers.get(b"content-type", b"")
             if ctype.split(b";", 1)[0].strip().lower() == b"text/event-stream":
-                return "text/event-stream"
+                return ("text/event-stream",)
         return None
 
-    def _threshold_text(self):
-        if self.threshold is INFINITY:
-            return "body_size_limit %d" % self.cfg.body_size_limit
-        return "stream_large_bodies %d" % self.threshold
-
     def _decided(self, d, action, reason):
-        text = "%s: %s (%s)" % ("request" if d.is_request else "response", action, reason)
-        self.flow.decisions.append(text)
-        log.debug("flow %d %s", self.flow.id, text)
+        self.flow.decide("request" if d.is_request else "response", action, reason)
 
     def _check_limit(self, d, size):
         if size > self.cfg.body_size_limit:
@@ -699,7 +692,7 @@ class ClientConnection:
                  request_head.method.decode("latin-1"),
                  self._dst_text(), request_head.target.decode("latin-1"),
                  response_head.status, response_head.reason.decode("latin-1"),
-                 "; ".join(flow.decisions) or "no bodies",
+                 flow.decisions_text() or "no bodies",
                  flow.request.body_size, flow.response.body_size)
 
 

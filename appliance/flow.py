@@ -66,7 +66,16 @@ class Flow:
         self.response = None
         self.error = None                # one line, when the exchange failed
         self.timestamps = {"start": time.time()}
-        self.decisions = []              # e.g. "response: stream (Content-Length 3m > 1m)"
+        self.decisions = []              # (what, action, (format, *args)): formatted on demand
+
+    def decide(self, what, action, reason):
+        """Note a buffer/stream decision; ``reason`` is ``(format, *args)``."""
+        self.decisions.append((what, action, reason))
+
+    def decisions_text(self):
+        """E.g. ``response: stream (Content-Length 3145728 > stream_large_bodies 1048576)``."""
+        return "; ".join("%s: %s (%s)" % (what, action, reason[0] % reason[1:])
+                         for what, action, reason in self.decisions)
 
     def mark(self, event):
         self.timestamps[event] = time.time()

@@ -44,6 +44,7 @@ class PeerGone(Exception):
     def __init__(self, peer, reason="closed the connection"):
         super().__init__("%s %s" % (peer.name, reason))
         self.peer = peer
+        self.reason = reason
 
 
 class Peer:
@@ -168,17 +169,21 @@ def splice(src, dst, pipe, count=None):
     ``pipe``.  Returns the bytes moved; raises ``PeerGone(src)`` on an early EOF."""
     moved = 0
     read_flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+    drained = False      # the last read took less than asked: the socket is likely empty
     while count is None or moved < count:
         want = pipe.size if count is None else min(pipe.size, count - moved)
+        if drained:
+            src.wait_read()
         try:
             n = os.splice(src.fd, pipe.w, want, flags=read_flags)
         except BlockingIOError:
-            src.wait_read()
+            drained = True
             continue
         except OSError as exc:
             if exc.errno in _GONE:
                 raise PeerGone(src, exc.strerror) from exc
             raise
+        drained = n < want
         if n == 0:
             src.eof = True
             if count is None:

@@ -186,6 +186,17 @@ class _Parser:
         """
         buf = self._buf
         find = buf.find
+        pos = self._pos
+        if self._scan == pos and buf[pos:pos + 2] != b"\r\n":
+            # Fast path, the common case: the whole block is already here.  Three scans
+            # in C instead of a Python loop per line; anything odd takes the slow path,
+            # which finds the exact fault.
+            end = find(b"\r\n\r\n", pos, pos + limit)
+            if end >= 0:
+                end += 4
+                lines = buf.count(b"\n", pos, end)
+                if lines == buf.count(b"\r\n", pos, end) and lines <= self.max_headers + 2:
+                    return end
         while True:
             i = find(b"\n", self._scan)
             if i < 0:

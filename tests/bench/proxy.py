@@ -56,13 +56,16 @@ WRK_THREADS, WRK_CONNECTIONS, WRK_SECONDS = 2, 50, 10
 DOWNLOAD_TIMEOUT = 90.0  # per transfer; a slower proxy is reported as failed, not waited for
 MITMDUMP = REPO_ROOT / ".venv-mitm" / "bin" / "mitmdump"
 
-SPLICE_PORT, MITM_PORT, COPY_PORT = 8080, 8081, 8082
+SPLICE_PORT, MITM_PORT, COPY_PORT, WORKERS_PORT = 8080, 8081, 8082, 8083
 INTERCEPTED = (NGINX_PORT, ORIGIN_PORT)
 
 # name, column title, proxy port (None: direct)
 CONFIGS = (("direct", "direct", None), ("splice", "sluice splice", SPLICE_PORT),
-           ("copy", "sluice copy", COPY_PORT), ("mitmproxy", "mitmproxy 11", MITM_PORT))
-WRK_CONFIGS = ("direct", "splice", "mitmproxy")  # small bodies are buffered: the relay plays no part
+           ("copy", "sluice copy", COPY_PORT), ("mitmproxy", "mitmproxy 11", MITM_PORT),
+           ("workers2", "sluice 2 wkrs", WORKERS_PORT))
+DOWNLOAD_CONFIGS = ("direct", "splice", "copy", "mitmproxy")
+# small bodies are buffered: the relay plays no part; workers: 2 uses this box's second core
+WRK_CONFIGS = ("direct", "splice", "workers2", "mitmproxy")
 
 
 class BenchError(RuntimeError):
@@ -246,7 +249,7 @@ def measure(lab: Lab, procs: dict, args) -> dict:
     stage = _Stage(lab, procs, results)
     try:
         for r in range(args.runs):
-            for name in names:
+            for name in DOWNLOAD_CONFIGS:
                 stage.run(name, "file, run %d" % (r + 1),
                           lambda pid: download(lab, file_url, args.size, pid, results["file"][name]))
                 stage.run(name, "chunked, run %d" % (r + 1),
@@ -290,6 +293,9 @@ def targets(results: dict) -> list[dict]:
         ratio_row("small: sluice / mitmproxy req/s", small["splice"].requests_per_s,
                   small["mitmproxy"].requests_per_s, 15, ">= 15x",
                   "sluice %.2fx direct" % (small["splice"].requests_per_s / small["direct"].requests_per_s))
+    if "workers2" in small and "mitmproxy" in small:
+        ratio_row("small: sluice 2 workers / mitmproxy", small["workers2"].requests_per_s,
+                  small["mitmproxy"].requests_per_s, 15, ">= 15x", "workers: 2 (this box has 2 cores)")
     return rows
 
 
@@ -354,6 +360,8 @@ def run(lab: Lab, workdir: Path, args) -> dict:
     mitm = Mitmdump(lab, workdir, args.mitmdump)
     procs = {"splice": SluiceProc(lab, workdir, SPLICE_PORT, "splice", "warning", "sluice-splice").start(),
              "copy": SluiceProc(lab, workdir, COPY_PORT, "copy", "warning", "sluice-copy").start(),
+             "workers2": SluiceProc(lab, workdir, WORKERS_PORT, "splice", "warning", "sluice-w2",
+                                    workers=2).start(),
              "mitmproxy": mitm.start()}
     env = environment(mitm.version())
     say("lab %s up, files written, nginx + test origin + 3 proxies started in %.1f s"

@@ -68,6 +68,7 @@ listen:
 stream_large_bodies: 1m
 relay: {relay}
 log_level: {log_level}
+workers: {workers}
 """
 
 # -- helpers shared with tests.bench.proxy ----------------------------------------------------
@@ -90,10 +91,16 @@ def make_synced_file(path: Path, size: int) -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of process `pid` (all its threads) from /proc/PID/stat, in seconds."""
+    """utime + stime of process `pid` (all its threads) and of its live children (Sluice's
+    workers), from /proc/PID/stat, in seconds."""
     stat = Path("/proc/%d/stat" % pid).read_text()
     fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        children = Path("/proc/%d/task/%d/children" % (pid, pid)).read_text().split()
+    except OSError:
+        children = []
+    return own + sum(cpu_seconds(int(child)) for child in children)
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -109,10 +116,11 @@ class SluiceProc:
     read line by line (each exchange logs one `flow N ...` line at log_level info)."""
 
     def __init__(self, lab: Lab, workdir: Path, port: int = PROXY_PORT, relay: str = "splice",
-                 log_level: str = "info", name: str = "sluice"):
+                 log_level: str = "info", name: str = "sluice", workers: int = 1):
         self.lab, self.port = lab, port
         self.config_path = workdir / ("%s.yaml" % name)
-        self.config_path.write_text(SLUICE_CONFIG.format(port=port, relay=relay, log_level=log_level))
+        self.config_path.write_text(SLUICE_CONFIG.format(port=port, relay=relay, log_level=log_level,
+                                                          workers=workers))
         self.log_path = workdir / ("%s.log" % name)
         self.proc: subprocess.Popen | None = None
         self._offset = 0
