@@ -551,19 +551,22 @@ class ClientConnection:
                     return body, event
                 return pieces, event
 
-    def _stream_length(self, d, message):
-        """A Content-Length body: what the parser holds, then splice (or copy) the rest."""
-        message.streamed = True
-        parser = d.parser
+    def _send_held(self, d, message):
+        """Send the body bytes the parser already holds; True if that was the whole body."""
         while True:
-            event = parser.next_event()
+            event = d.parser.next_event()
             if type(event) is Data:
                 message.body_size += len(event.data)
                 d.dst.sendall(event.data)
-            elif type(event) is EndOfMessage:
-                return
             else:
-                break
+                return type(event) is EndOfMessage
+
+    def _stream_length(self, d, message):
+        """A Content-Length body: what the parser holds, then splice (or copy) the rest."""
+        message.streamed = True
+        if self._send_held(d, message):
+            return
+        parser = d.parser
         remaining = parser.body_remaining
         moved = self._relay(d.src, d.dst, remaining)
         message.body_size += moved
@@ -613,18 +616,11 @@ class ClientConnection:
                 return
 
     def _stream_until_close(self, d, message):
-        parser = d.parser
-        while True:
-            event = parser.next_event()
-            if type(event) is Data:
-                message.body_size += len(event.data)
-                d.dst.sendall(event.data)
-            elif type(event) is EndOfMessage:
-                return
-            else:
-                break
+        """A close-delimited body: what the parser holds, then splice (or copy) until EOF."""
+        if self._send_held(d, message):
+            return
         message.body_size += self._relay(d.src, d.dst, None)
-        parser.receive_data(b"")
+        d.parser.receive_data(b"")
         self._expect_end(d)
 
     # --- tunnels -----------------------------------------------------------------------

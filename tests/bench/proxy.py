@@ -302,7 +302,7 @@ def targets(results: dict) -> list[dict]:
 def table(results: dict, args) -> str:
     names = [name for name, _, _ in CONFIGS]
     titles = [title for _, title, _ in CONFIGS]
-    label_w, col_w = 38, 14
+    label_w, col_w = 38, 16
     lines = ["%-*s" % (label_w, "") + "".join("%*s" % (col_w, t) for t in titles)]
 
     def row(label, values):
