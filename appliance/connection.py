@@ -302,8 +302,7 @@ class ClientConnection:
                               head.version == b"1.1")
         keep_client = (head.keep_alive and request_complete and early is None
                        and not self.ctx.draining)
-        out_framing = self._forward_body(downward, response, keep_client, head_sent=False,
-                                         request_method=head.method)
+        out_framing = self._forward_body(downward, response, keep_client, head_sent=False)
         flow.mark("response_sent")
         # Bytes after a complete response were never asked for: reusing the connection
         # would serve them as the answer to the next request (response queue poisoning).
@@ -411,7 +410,7 @@ class ClientConnection:
 
     # --- bodies ------------------------------------------------------------------------
 
-    def _forward_body(self, d, message, keep_client, head_sent, request_method=None):
+    def _forward_body(self, d, message, keep_client, head_sent):
         """Forward ``message``'s head (unless sent) and body; returns the framing used."""
         head = message.head
 

@@ -471,7 +471,8 @@ def test_strategies_cover_every_framing():
     # A guard against a strategy that silently stopped generating some framing.
     seen = set()
 
-    @settings(max_examples=150, deadline=None, database=None)
+    # Derandomized (a fixed seed): a guard that could fail by chance would be a flaky test.
+    @settings(max_examples=400, deadline=None, database=None, derandomize=True)
     @given(st.one_of(requests(), responses()))
     def collect(message):
         head = [e for e in message.events if e["event"].endswith("Head")][-1]
