@@ -95,11 +95,8 @@ class Proxy:
 
 def run(cfg):
     """``sluice run``: serve until SIGTERM/SIGINT, then drain; returns the exit code."""
-    if cfg.workers == 1:
-        setup_logging(cfg.log_level)
-        return serve(cfg)
     setup_logging(cfg.log_level)
-    return _supervise(cfg)
+    return serve(cfg) if cfg.workers == 1 else _supervise(cfg)
 
 
 def _supervise(cfg):
