@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBS   := nginx-light iptables iproute2 curl wrk procps
+DEBS   := python3-venv nginx-light iptables iproute2 curl wrk procps
 
 .PHONY: all deps venv demo test unit integration bench bench-parser soak clean
 
