@@ -386,7 +386,6 @@ class ClientConnection:
     def _send_head(self, direction, message, fields, framing, length=None, extra=b""):
         """Write ``message``'s head with ``fields`` plus the framing fields for ``framing``."""
         head = message.head
-        fields = list(fields)
         if framing is Framing.CHUNKED:
             fields.append((b"Transfer-Encoding", head.headers.get(b"transfer-encoding",
                                                                   b"chunked")))
@@ -394,19 +393,19 @@ class ClientConnection:
             fields.append((b"Content-Length", b"%d" % length))
         elif framing is Framing.NONE and head.content_length is not None:
             fields.append((b"Content-Length", b"%d" % head.content_length))
-        if direction.is_request:
-            out = RequestHead(head.method, head.target, head.version, Headers(fields))
-            data = write_request_head(out)
-        else:
-            out = ResponseHead(b"1.1", head.status, head.reason, Headers(fields))
-            data = write_response_head(out)
-            self.responded = True
+        if not direction.is_request:
+            self._send_response_head(head, fields, extra)
+            return
+        data = write_request_head(RequestHead(head.method, head.target, head.version,
+                                              Headers(fields)))
         direction.dst.sendall(data + extra if extra else data)
 
-    def _send_response_head(self, head, fields):
-        self.client.sendall(write_response_head(
-            ResponseHead(b"1.1", head.status, head.reason, Headers(fields))))
+    def _send_response_head(self, head, fields, extra=b""):
+        """A final response head to the client, always as HTTP/1.1 (our own version)."""
+        data = write_response_head(ResponseHead(b"1.1", head.status, head.reason,
+                                                Headers(fields)))
         self.responded = True
+        self.client.sendall(data + extra if extra else data)
 
     # --- bodies ------------------------------------------------------------------------
 

@@ -64,8 +64,6 @@ class Peer:
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN | select.POLLRDHUP)
         self.eof = False
-        self.bytes_in = 0
-        self.bytes_out = 0
 
     def _wait(self, watcher, seconds=None):
         # gevent fixes a Timeout's interval when it is made: the idle timer is made once
@@ -98,7 +96,6 @@ class Peer:
                 raise PeerGone(self, exc.strerror or str(exc)) from exc
             if not data:
                 self.eof = True
-            self.bytes_in += len(data)
             return data
 
     def recv_into(self, buf):
@@ -112,7 +109,6 @@ class Peer:
                 raise PeerGone(self, exc.strerror or str(exc)) from exc
             if not n:
                 self.eof = True
-            self.bytes_in += n
             return n
 
     def sendall(self, data):
@@ -126,7 +122,6 @@ class Peer:
                 self.wait_write()
             except OSError as exc:
                 raise PeerGone(self, exc.strerror or str(exc)) from exc
-        self.bytes_out += total
 
     def is_stale(self):
         """True if the peer has closed (or sent something unasked) while we were idle."""
@@ -189,7 +184,6 @@ def splice(src, dst, pipe, count=None):
             if count is None:
                 break
             raise PeerGone(src, "closed with %d of %d body bytes sent" % (moved, count))
-        src.bytes_in += n
         left = n
         while left:
             try:
@@ -200,7 +194,6 @@ def splice(src, dst, pipe, count=None):
                 if exc.errno in _GONE:
                     raise PeerGone(dst, exc.strerror) from exc
                 raise
-        dst.bytes_out += n
         moved += n
     return moved
 
