@@ -106,7 +106,7 @@ def test_idle_timeout_does_not_add_up_over_keep_alive_requests(lab, proxy, log):
     # 20 requests on one keep-alive connection, each answered after 0.5 s: 10 s of waiting for
     # response heads in total, 0.5 s at a time.  The old timer gave five 200s, then a 504.
     url = "http://%s:%d/delay?s=0.5" % (ORIGIN_IP, ORIGIN_PORT)
-    rc, out, err = lab.curl(["-o", "/dev/null", "-w", "%{http_code} %{num_connects}\n"] + [url] * 20, timeout=60)
+    rc, out, err = lab.curl(["-w", "%{http_code} %{num_connects}\n"] + ["-o", "/dev/null", url] * 20, timeout=60)
     assert rc == 0, err
     lines = out.decode().split()
     statuses, connects = lines[0::2], [int(c) for c in lines[1::2]]
