@@ -1,0 +1,252 @@
+"""One message body on its way through the proxy: buffered, spliced, or streamed chunk by chunk.
+
+Owns: the buffer-or-stream decision for one body and the moving of its bytes, with the framing
+the destination gets (Content-Length, chunked, or until close).  Must not touch: heads (the
+caller's ``send_head`` writes them), connections, upstream selection, error responses.  It
+raises ``errors`` for the caller to map, and ``relay.PeerGone`` / ``relay.IdleTimeout`` as
+they come.
+
+Buffer or stream, per message (requests and responses alike):
+- ``Content-Length`` above the threshold: streamed from the first byte (splice or copy);
+- unknown length (chunked, close-delimited): buffered up to the threshold, then streamed
+  with the buffered part sent first;
+- otherwise buffered, never beyond ``limit`` (413 / 502 past it);
+- ``text/event-stream`` responses, and messages a script marked: always streamed.
+"""
+
+from . import errors, relay
+from .http1 import NEED_DATA, Data, EndOfMessage, Framing
+from .http1.events import RequestHead
+
+INFINITY = float("inf")
+
+
+class Transfer:
+    """What ``forward`` needs for one body: the peers, the source's parser, the message, how
+    to write the head, and the limits that apply to it."""
+
+    __slots__ = ("src", "dst", "parser", "message", "is_request", "can_chunk", "send_head",
+                 "threshold", "threshold_text", "limit", "splice", "flow", "source_name")
+
+    def __init__(self, src, dst, parser, message, is_request, can_chunk, send_head, threshold,
+                 limit, splice, flow, source_name):
+        self.src, self.dst, self.parser, self.message = src, dst, parser, message
+        self.is_request, self.can_chunk, self.send_head = is_request, can_chunk, send_head
+        self.threshold = threshold
+        self.threshold_text = ("body_size_limit %d" % limit if threshold is INFINITY
+                               else "stream_large_bodies %d" % threshold)
+        self.limit, self.splice, self.flow = limit, splice, flow
+        self.source_name = source_name      # for error messages: "198.18.2.2:80"
+
+    def decided(self, action, reason):
+        self.flow.decide("request" if self.is_request else "response", action, reason)
+
+    def too_large(self, text):
+        if self.is_request:
+            raise errors.BodyTooLarge("request body: %s" % text)
+        raise errors.BadUpstreamResponse("response body must be buffered: %s" % text)
+
+
+def _describe(size):
+    return "unknown length" if size is None else "Content-Length %d" % size
+
+
+def forward(t, head_sent=False):
+    """Forward ``t.message``'s head (unless ``head_sent``) and body; returns the framing the
+    destination got."""
+    message = t.message
+    head = message.head
+
+    def send(framing, length=None, extra=b""):
+        if head_sent:
+            if extra:
+                t.dst.sendall(extra)
+            return
+        t.send_head(framing, length, extra)
+    framing = head.framing
+    if framing is Framing.NONE:
+        send(Framing.NONE)
+        expect_end(t)
+        return Framing.NONE
+    reason = _stream_reason(message, head)
+    if framing is Framing.LENGTH:
+        return _forward_length(t, send, reason)
+    out = Framing.CHUNKED if framing is Framing.CHUNKED and t.can_chunk else Framing.CLOSE
+    if reason is not None:
+        t.decided("stream", reason)
+        send(out)
+        _stream_events(t, framing, out)
+        return out
+    cap = min(t.threshold, t.limit)
+    pieces, end = _buffer(t, cap)
+    if end is not None:
+        t.decided("buffer", ("%s, %d bytes <= %s", framing.name.lower(), message.body_size,
+                             t.threshold_text))
+        message.content = b"".join(p.data for p in pieces)
+        if out is Framing.CHUNKED:
+            send(Framing.CHUNKED, None, b"".join(p.prefix + p.data + p.suffix for p in pieces)
+                 + (end.raw or b"0\r\n\r\n"))
+            return Framing.CHUNKED
+        send(Framing.LENGTH, len(message.content), message.content)
+        return Framing.LENGTH
+    if t.threshold is INFINITY:
+        t.too_large("%s body over body_size_limit %d" % (framing.name.lower(), t.limit))
+    t.decided("stream", ("%s, more than %d bytes", framing.name.lower(), cap))
+    if out is Framing.CHUNKED:
+        wire = b"".join(p.prefix + p.data + p.suffix for p in pieces)
+    else:
+        wire = b"".join(p.data for p in pieces)
+    send(out, None, wire)
+    _stream_events(t, framing, out)
+    return out
+
+
+def _forward_length(t, send, reason):
+    message = t.message
+    size = message.head.content_length
+    if reason is None and size > t.threshold:
+        reason = ("Content-Length %d > stream_large_bodies %d", size, t.threshold)
+    if reason is not None:
+        t.decided("stream", reason)
+        send(Framing.LENGTH, size)
+        _stream_length(t)
+        return Framing.LENGTH
+    if size > t.limit:
+        t.too_large("%s over body_size_limit %d" % (_describe(size), t.limit))
+    t.decided("buffer", ("Content-Length %d <= %s", size, t.threshold_text))
+    pieces, _ = _buffer(t, INFINITY)
+    message.content = b"".join(p.data for p in pieces)
+    send(Framing.LENGTH, size, message.content)
+    return Framing.LENGTH
+
+
+def _stream_reason(message, head):
+    if message.stream:
+        return ("stream set by a script",)
+    if not isinstance(head, RequestHead):
+        ctype = head.headers.get(b"content-type", b"")
+        if ctype.split(b";", 1)[0].strip().lower() == b"text/event-stream":
+            return ("text/event-stream",)
+    return None
+
+
+def next_event(t, before_read=None):
+    """The source parser's next event, reading as needed; upstream faults are 502.
+    ``before_read`` runs before each read (to flush what is pending: backpressure)."""
+    parser = t.parser
+    while True:
+        try:
+            event = parser.next_event()
+        except errors.ProtocolError as exc:
+            if t.is_request:
+                raise
+            raise errors.BadUpstreamResponse("invalid response body from %s: %s" % (
+                t.source_name, exc)) from exc
+        if event is not NEED_DATA:
+            return event
+        if before_read is not None:
+            before_read()
+        parser.receive_data(t.src.recv(relay.STREAM_RECV_SIZE))
+
+
+def expect_end(t):
+    event = next_event(t)
+    if type(event) is not EndOfMessage:
+        raise AssertionError("expected end of message, got %r" % (event,))
+
+
+def _buffer(t, cap):
+    """Read the body into memory, at most ``cap`` bytes.  Returns (pieces, end) where end is
+    the EndOfMessage, or None when the body is longer than ``cap``."""
+    message = t.message
+    pieces = []
+    total = 0
+    while True:
+        event = next_event(t)
+        if type(event) is Data:
+            pieces.append(event)
+            total += len(event.data)
+            message.body_size = total
+            if total > cap:
+                return pieces, None
+        else:
+            message.trailers = event.trailers
+            return pieces, event
+
+
+def _send_held(t):
+    """Send the body bytes the parser already holds; True if that was the whole body."""
+    while True:
+        event = t.parser.next_event()
+        if type(event) is Data:
+            t.message.body_size += len(event.data)
+            t.dst.sendall(event.data)
+        else:
+            return type(event) is EndOfMessage
+
+
+def _stream_length(t):
+    """A Content-Length body: what the parser holds, then splice (or copy) the rest."""
+    message = t.message
+    message.streamed = True
+    if _send_held(t):
+        return
+    parser = t.parser
+    moved = _relay(t, parser.body_remaining)
+    message.body_size += moved
+    parser.skip_body(moved)
+    expect_end(t)
+
+
+def _relay(t, count):
+    if t.splice:
+        pipe = relay.take_pipe()
+        try:
+            return relay.splice(t.src, t.dst, pipe, count)
+        finally:
+            relay.give_pipe(pipe)
+    return relay.copy(t.src, t.dst, bytearray(relay.COPY_SIZE), count)
+
+
+def _stream_events(t, framing, out):
+    """A chunked or close-delimited body, streamed.  Chunks keep their boundaries (each
+    validated by the parser); close-delimited bodies after the parser's buffered bytes are
+    spliced until EOF."""
+    message = t.message
+    message.streamed = True
+    if framing is Framing.CLOSE:
+        _stream_until_close(t)
+        return
+    dst = t.dst
+    chunked = out is Framing.CHUNKED
+    pending = []    # every piece one read yields goes out in one send
+
+    def flush():
+        if pending:
+            dst.sendall(b"".join(pending))
+            del pending[:]
+    size = 0
+    while True:
+        event = next_event(t, flush)
+        if type(event) is Data:
+            size += len(event.data)
+            if chunked:
+                pending += (event.prefix, event.data, event.suffix)
+            else:
+                pending.append(event.data)
+        else:
+            message.body_size += size
+            message.trailers = event.trailers
+            if chunked:
+                pending.append(event.raw or b"0\r\n\r\n")
+            flush()
+            return
+
+
+def _stream_until_close(t):
+    """A close-delimited body: what the parser holds, then splice (or copy) until EOF."""
+    if _send_held(t):
+        return
+    t.message.body_size += _relay(t, None)
+    t.parser.receive_data(b"")
+    expect_end(t)
