@@ -38,8 +38,11 @@ _URL_UNSAFE = {c: "%%%02X" % c for c in list(range(0x21)) + [0x22, 0x7f]}
 
 
 def address(ip, port):
+    """``ip:port``, ``[ip6]:port``; an IPv4-mapped IPv6 address shows as IPv4."""
     if ip is None:
         return "-"
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]
     return ("[%s]:%s" if ":" in ip else "%s:%s") % (ip, port)
 
 
