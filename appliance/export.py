@@ -386,7 +386,7 @@ def _ends_connection(record):
     http = record["http"]
     if record.get("event_type") == "websocket" or not http.get("response"):
         return True
-    heads = [http["request"].get("headers"), http["response"].get("headers")]
+    heads = [(http.get("request") or {}).get("headers"), http["response"].get("headers")]
     if any("close" in (_header(h, "connection") or "").lower() for h in heads):
         return True
     return _framing(heads[1]) == "close" and _may_have_body(http)

@@ -9,10 +9,11 @@ their ``timestamp``.
 
 Layout.  ``DIR/flows-20261130T124721.123456Z-4242.jsonl``: UTC creation time (so name order
 is time order; a clock that steps back never makes a name sort before the newest one) and
-the writer's pid (workers write side by side).  One record per line, ASCII JSON, ``\\n``
-after each.  A writer appends whole lines only, and holds an exclusive ``flock`` on its
-segment in progress for as long as it writes there: a segment is created under a hidden
-name, locked, then renamed into place, so every visible segment without a lock is final.
+the writer's pid (workers write side by side); mode 0640 in a 0750 directory (flows hold
+cookies and bodies).  One record per line, ASCII JSON, ``\\n`` after each.  A writer
+appends whole lines only, and holds an exclusive ``flock`` on its segment in progress for as
+long as it writes there: a segment is created under a hidden name, locked, then renamed into
+place, so every visible segment without a lock is final.
 A partial last line in a final segment is a torn write (the writer was killed): readers skip
 it with one warning.  A writer never appends to a segment it did not create.
 
@@ -47,6 +48,7 @@ _NAME = re.compile(r"flows-(\d{8}T\d{6}\.\d{6})Z-(\d+)\.jsonl\Z")
 _NAME_TIME = "%Y%m%dT%H%M%S.%f"
 _UTC = datetime.timezone.utc
 _READ_SIZE = 1 << 20
+SEGMENT_MODE = 0o640          # flows hold cookies and bodies: not for every local user
 
 log = logging.getLogger("sluice.recorder")
 
@@ -202,7 +204,7 @@ class _Segments:
 
     def _open(self):
         """A new segment: created hidden, locked, then renamed into place."""
-        os.makedirs(self.directory, exist_ok=True)
+        os.makedirs(self.directory, mode=0o750, exist_ok=True)
         existing = list_segments(self.directory)
         moment = time.time()
         if existing:
@@ -210,7 +212,7 @@ class _Segments:
         name = segment_name(moment, os.getpid())
         hidden = os.path.join(self.directory, "." + name)
         fd = os.open(hidden, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     0o644)
+                     SEGMENT_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.rename(hidden, os.path.join(self.directory, name))
@@ -325,7 +327,7 @@ class Recorder:
     def start(self):
         """Create the directory (a failure is logged; writes retry) and start the writer."""
         try:
-            os.makedirs(self.directory, exist_ok=True)
+            os.makedirs(self.directory, mode=0o750, exist_ok=True)
         except OSError as exc:
             self.log.error("recorder: cannot create %s: %s", self.directory, exc)
         self._writer = gevent.spawn(self._run)

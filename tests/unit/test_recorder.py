@@ -271,3 +271,12 @@ def test_segments_before_since_are_skipped_unread():
 
 def test_missing_store_reads_as_empty(tmp_path):
     assert list(iter_records(str(tmp_path / "nothing"))) == []
+
+
+def test_segments_are_not_world_readable(tmp_path):
+    """Flows hold cookies, credentials and bodies."""
+    write(tmp_path / "store", [numbered(0, 1)])
+    (name,) = list_segments(str(tmp_path / "store"))
+    mode = (tmp_path / "store" / name).stat().st_mode
+    assert mode & 0o007 == 0 and mode & 0o600 == 0o600
+    assert (tmp_path / "store").stat().st_mode & 0o007 == 0
