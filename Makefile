@@ -4,13 +4,14 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBS   := python3-venv nginx-light iptables iproute2 curl wrk procps
+DEBS   := python3-venv nginx-light iptables iproute2 curl wrk procps tshark
 
 .PHONY: all deps venv demo test unit integration bench bench-parser soak clean
 
 all: test
 
-# Debian packages the tests and the demo drive (nginx origin, iptables REDIRECT, curl, wrk).
+# Debian packages the tests and the demo drive (nginx origin, iptables REDIRECT, curl, wrk,
+# tshark to read the pcap exports back).
 deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

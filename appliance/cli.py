@@ -11,7 +11,7 @@ import sys
 
 import yaml
 
-from . import __version__, config
+from . import __version__, config, flowsview
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -36,6 +36,8 @@ def build_parser():
                        ("config", "print the effective configuration as YAML")):
         _common(sub.add_parser(name, help=text, description=text))
     sub.add_parser("version", help="print the version")
+    text = "list, filter, follow or export (HAR, pcap) the recorded flows"
+    flowsview.add_arguments(sub.add_parser("flows", help=text, description=text))
     return parser
 
 
@@ -51,6 +53,8 @@ def main(argv=None):
     if args.command == "version":
         print("sluice %s" % __version__)
         return EXIT_OK
+    if args.command == "flows":
+        return flowsview.run(args)
     try:
         cfg = load_config(args)
     except config.ConfigError as exc:

@@ -26,6 +26,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}
 MODES = ("transparent", "regular", "tproxy")
 RELAYS = ("splice", "copy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOGS = ("off", "text", "json")
 
 
 class _Invalid(Exception):
@@ -77,6 +78,12 @@ def _parse_int(value, low=0, high=None):
     return value
 
 
+def _positive(value):
+    if value <= 0:
+        raise _Invalid("must be more than 0")
+    return value
+
+
 def _parse_bool(value):
     if not isinstance(value, bool):
         raise _Invalid("expected true or false, got %r" % (value,))
@@ -97,6 +104,13 @@ def _choice(options):
             raise _Invalid("expected one of %s, got %r" % (", ".join(options), value))
         return value
     return parse
+
+
+def _access_log(value):
+    """YAML reads a bare ``off`` as false: accept it as "off"."""
+    if value is False:
+        return "off"
+    return _choice(ACCESS_LOGS)(value)
 
 
 def _optional(parse):
@@ -167,6 +181,26 @@ class Limits:
 class Record:
     dir: typing.Optional[str] = _opt(None, _optional(_parse_str), "flow store; null: off")
     max_bytes: int = _opt(KiB ** 3, parse_size, "flow store size before rotation")
+    max_body_bytes: int = _opt(KiB ** 2, parse_size, "recorded bytes per body (then truncated)")
+    max_message_bytes: int = _opt(KiB ** 2, parse_size,
+                                  "recorded bytes per WebSocket message (then truncated)")
+    segment_bytes: typing.Optional[int] = _opt(
+        None, _optional(lambda v: _positive(parse_size(v))),
+        "size of one store file, at most max_bytes; null: max_bytes/16, at most 64m")
+    queue: int = _opt(10000, lambda v: _parse_int(v, 1),
+                      "flows waiting for the disk (then dropped)")
+
+    @property
+    def segment_size(self):
+        """``segment_bytes``, or when null ``default_segment_bytes(max_bytes)``."""
+        if self.segment_bytes is not None:
+            return self.segment_bytes
+        return default_segment_bytes(self.max_bytes)
+
+
+def default_segment_bytes(max_bytes):
+    """A sixteenth of the store, between 64k and 64m, never more than the store."""
+    return min(max_bytes, max(64 * KiB, min(64 * KiB ** 2, max_bytes // 16))) or 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +236,7 @@ class Config:
     admin: Admin = _section(Admin, "admin endpoint")
     workers: int = _opt(1, lambda v: _parse_int(v, 1, 256), "worker processes")
     log_level: str = _opt("info", _choice(LOG_LEVELS), "debug | info | warning | error")
+    access_log: str = _opt("text", _access_log, "one line per flow to stderr: off | text | json")
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -334,9 +369,18 @@ def load(path=None, text=None, overrides=()):
         override_paths.add(opath)
     builder = _Builder(source, lines, override_paths)
     config = builder.build(Config, tree, ())
+    _check_together(config, builder)
     if builder.problems:
         raise ConfigError(builder.problems)
     return config
+
+
+def _check_together(config, builder):
+    """Rules between options, reported like the others."""
+    segment = config.record.segment_bytes
+    if segment is not None and segment > config.record.max_bytes:
+        builder.problem(("record", "segment_bytes"), "%d is more than record.max_bytes (%d)"
+                        % (segment, config.record.max_bytes))
 
 
 def to_plain(config):

@@ -1,0 +1,191 @@
+"""The access log: one line per flow on stderr, text or JSON, written in batches.
+
+Owns: the access log formats and their writer greenlet, and ``summary(record)``, the few
+fields of a flow record that a person reads first (also used by ``sluice flows``).  Must
+not touch: sockets, the flow store, logging setup.  ``add`` costs the relay only a list
+append; the line is formatted later, by the writer, which writes everything pending with one
+``write`` at most every ``FLUSH_EVERY`` seconds and at ``close``.
+
+Text format (``access_log: text``), space-separated, ``-`` for a missing value::
+
+    TIME CLIENT DEST MODE METHOD URL STATUS BYTES_IN BYTES_OUT DURATION FLOW_ID "DECISION" "ERROR"
+
+    2025-11-30T12:47:21.000000Z 10.0.0.2:40000 93.184.216.34:80 buffered GET
+    http://example.org/ 200 0 29 0.050 f00d-1 "response: buffer (Content-Length 29 <= 1048576)" ""
+
+(one line).  TIME is the flow's start (ISO 8601, UTC); CLIENT and DEST are ``ip:port``
+(``[ip6]:port``), DEST the original destination; MODE is buffered, streamed, websocket,
+tunnel or passthrough; URL is the absolute URL (CONNECT: ``host:port``; passthrough: the SNI
+or the destination); BYTES_IN are body bytes from the client, BYTES_OUT body bytes from the
+server (tunnels, passthrough and WebSockets: all bytes); DURATION is in seconds; DECISION
+and ERROR are quoted with ``\\"`` and ``\\\\`` escaped ("" when none).  In a URL, spaces,
+quotes and control characters are %-escaped, so the fields before DECISION never hold a
+space.
+
+JSON format (``access_log: json``): one object per line with the keys of ``summary``:
+``time`` (ISO), ``event_type``, ``client``, ``dest``, ``mode``, ``method``, ``url``,
+``host``, ``status``, ``bytes_in``, ``bytes_out``, ``duration``, ``flow_id``, ``decision``,
+``error``.
+"""
+
+import json
+import sys
+
+import gevent
+
+MODES = ("buffered", "streamed", "websocket", "tunnel", "passthrough")
+_URL_UNSAFE = {c: "%%%02X" % c for c in list(range(0x21)) + [0x22, 0x7f]}
+
+
+def address(ip, port):
+    """``ip:port``, ``[ip6]:port``; an IPv4-mapped IPv6 address shows as IPv4."""
+    if ip is None:
+        return "-"
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]
+    return ("[%s]:%s" if ":" in ip else "%s:%s") % (ip, port)
+
+
+def mode_of(record):
+    kind = record.get("event_type")
+    if kind == "http":
+        return record.get("mode") or "buffered"
+    return kind
+
+
+def _body_size(message):
+    return ((message or {}).get("body") or {}).get("size") or 0
+
+
+def _decision(record):
+    kind = record.get("event_type")
+    if kind == "passthrough":
+        rule = record.get("rule")
+        return "passthrough (rule %s)" % rule if rule else "passthrough"
+    if kind == "tunnel":
+        return "tunnel"
+    parts = ["%s: %s (%s)" % (d.get("what"), d.get("action"), d.get("reason"))
+             for d in record.get("decisions") or ()]
+    if kind == "websocket":
+        stream = (record.get("websocket") or {}).get("stream")
+        parts.append("messages: %s" % ("stream" if stream else "buffer"))
+    return "; ".join(parts)
+
+
+def _sizes(record):
+    kind = record.get("event_type")
+    if kind in ("tunnel", "passthrough"):
+        moved = record.get("bytes") or {}
+        return moved.get("from_client") or 0, moved.get("from_server") or 0
+    if kind == "websocket":
+        ws = record.get("websocket") or {}
+        return ws.get("bytes_from_client") or 0, ws.get("bytes_from_server") or 0
+    http = record.get("http") or {}
+    return _body_size(http.get("request")), _body_size(http.get("response"))
+
+
+def summary(record):
+    """The fields a person reads first, from any flow record (format 1)."""
+    http = record.get("http") or {}
+    kind = record.get("event_type")
+    url = http.get("url")
+    if kind == "passthrough" or url is None:
+        url = record.get("sni") or address(record.get("dest_ip"), record.get("dest_port"))
+    sent, received = _sizes(record)
+    return {
+        "time": record.get("timestamp"), "event_type": kind,
+        "client": address(record.get("src_ip"), record.get("src_port")),
+        "dest": address(record.get("dest_ip"), record.get("dest_port")),
+        "mode": mode_of(record), "method": http.get("method"), "url": url,
+        "host": http.get("host") or record.get("sni") or record.get("dest_ip"),
+        "status": http.get("status"), "bytes_in": sent, "bytes_out": received,
+        "duration": record.get("duration"), "flow_id": record.get("flow_id"),
+        "decision": _decision(record), "error": record.get("error"),
+    }
+
+
+def _quoted(text):
+    text = (text or "").replace("\\", "\\\\").replace('"', '\\"')
+    return '"%s"' % text.replace("\n", "\\n").replace("\r", "\\r")
+
+
+def format_text(record):
+    s = summary(record)
+    duration = s["duration"]
+    fields = [s["time"] or "-", s["client"], s["dest"], s["mode"] or "-", s["method"] or "-",
+              (s["url"] or "-").translate(_URL_UNSAFE),
+              "-" if s["status"] is None else str(s["status"]),
+              str(s["bytes_in"]), str(s["bytes_out"]),
+              "-" if duration is None else "%.3f" % duration,
+              s["flow_id"] or "-", _quoted(s["decision"]), _quoted(s["error"])]
+    return " ".join(fields) + "\n"
+
+
+def format_json(record):
+    return json.dumps(summary(record), ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+FORMATS = {"text": format_text, "json": format_json}
+
+
+class AccessLog:
+    """``add(record)`` per flow; a greenlet formats and writes what is pending in batches.
+
+    ``mode`` is ``access_log`` (off, text, json).  WebSocket message records are not flows
+    and are ignored.  At most ``MAX_PENDING`` lines wait (more are counted in ``dropped``);
+    a failing stream is counted in ``write_errors`` and never stops the proxy.
+    """
+
+    FLUSH_EVERY = 0.5
+    MAX_PENDING = 100000
+
+    def __init__(self, mode, stream=None):
+        self.mode = mode
+        self.stream = stream if stream is not None else sys.stderr
+        self.dropped = 0
+        self.write_errors = 0
+        self._format = FORMATS.get(mode)
+        self._pending = []
+        self._writer = None
+
+    def start(self):
+        if self._format is not None:
+            self._writer = gevent.spawn(self._run)
+        return self
+
+    def add(self, record):
+        if self._format is None or record.get("event_type") == "websocket_message":
+            return
+        if len(self._pending) >= self.MAX_PENDING:
+            self.dropped += 1
+            return
+        self._pending.append(record)
+
+    def flush(self):
+        """Format and write everything pending, with one write and one flush."""
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        lines = []
+        for record in batch:
+            try:
+                lines.append(self._format(record))
+            except (AttributeError, TypeError, ValueError):   # not a flow record: skip it
+                self.dropped += 1
+        text = "".join(lines)
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):        # closed or broken stderr: nothing to tell
+            self.write_errors += 1
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.kill()
+            self._writer = None
+        self.flush()
+
+    def _run(self):
+        while True:
+            gevent.sleep(self.FLUSH_EVERY)
+            self.flush()
