@@ -6,17 +6,27 @@ caller's ``send_head`` writes them), connections, upstream selection, error resp
 raises ``errors`` for the caller to map, and ``relay.PeerGone`` / ``relay.IdleTimeout`` as
 they come.
 
-Buffer or stream, per message (requests and responses alike):
-- ``Content-Length`` above the threshold: streamed from the first byte (splice or copy);
-- unknown length (chunked, close-delimited): buffered up to the threshold, then streamed
-  with the buffered part sent first;
-- otherwise buffered, never beyond ``limit`` (413 / 502 past it);
+Buffer or stream, one rule for every framing (requests and responses alike): a body is
+buffered up to ``min(threshold, limit)`` bytes, the most Sluice will hold for it; past that
+it is streamed, and where streaming is off (threshold None: buffer everything) it is refused
+(413 for requests, 502 for responses).  So:
+- ``Content-Length`` above that: streamed from the first byte (splice or copy);
+- unknown length (chunked, close-delimited): buffered up to that, then streamed with the
+  buffered part sent first;
 - ``text/event-stream`` responses, and messages a script marked: always streamed.
+
+Framing towards the destination: chunked bodies stay chunked (each chunk's validated wire
+bytes kept) for peers that take chunked, and are de-chunked (Content-Length when buffered,
+until close when streamed) for HTTP/1.0 clients.  Transfer codings other than chunked (gzip)
+are kept: such a body always goes out chunked with ``Transfer-Encoding: gzip, chunked``, and
+an HTTP/1.0 client, which cannot take it, gets 502 rather than altered bytes.
 """
 
 from . import errors, relay
+from .heads import transfer_codings
 from .http1 import NEED_DATA, Data, EndOfMessage, Framing
 from .http1.events import RequestHead
+from .http1.writer import chunk
 
 INFINITY = float("inf")
 
@@ -71,7 +81,14 @@ def forward(t, head_sent=False):
     reason = _stream_reason(message, head)
     if framing is Framing.LENGTH:
         return _forward_length(t, send, reason)
-    out = Framing.CHUNKED if framing is Framing.CHUNKED and t.can_chunk else Framing.CLOSE
+    coded = framing is Framing.CLOSE and bool(transfer_codings(head))
+    if framing is Framing.CHUNKED or coded:
+        if not t.can_chunk and transfer_codings(head):
+            raise errors.BadUpstreamResponse("transfer coding %r cannot reach an HTTP/1.0 "
+                                             "client unaltered" % (
+                                                 head.headers.get(b"transfer-encoding"),))
+    out = Framing.CHUNKED if (framing is Framing.CHUNKED or coded) and t.can_chunk \
+        else Framing.CLOSE
     if reason is not None:
         t.decided("stream", reason)
         send(out)
@@ -84,21 +101,26 @@ def forward(t, head_sent=False):
                              t.threshold_text))
         message.content = b"".join(p.data for p in pieces)
         if out is Framing.CHUNKED:
-            send(Framing.CHUNKED, None, b"".join(p.prefix + p.data + p.suffix for p in pieces)
-                 + (end.raw or b"0\r\n\r\n"))
+            send(Framing.CHUNKED, None, _wire(pieces, framing, out) + (
+                end.raw if framing is Framing.CHUNKED and end.raw else b"0\r\n\r\n"))
             return Framing.CHUNKED
         send(Framing.LENGTH, len(message.content), message.content)
         return Framing.LENGTH
     if t.threshold is INFINITY:
         t.too_large("%s body over body_size_limit %d" % (framing.name.lower(), t.limit))
     t.decided("stream", ("%s, more than %d bytes", framing.name.lower(), cap))
-    if out is Framing.CHUNKED:
-        wire = b"".join(p.prefix + p.data + p.suffix for p in pieces)
-    else:
-        wire = b"".join(p.data for p in pieces)
-    send(out, None, wire)
+    send(out, None, _wire(pieces, framing, out))
     _stream_events(t, framing, out)
     return out
+
+
+def _wire(pieces, framing, out):
+    """The bytes of buffered ``pieces`` as the destination gets them."""
+    if out is not Framing.CHUNKED:
+        return b"".join(p.data for p in pieces)
+    if framing is Framing.CHUNKED:
+        return b"".join(p.prefix + p.data + p.suffix for p in pieces)
+    return b"".join(chunk(p.data) for p in pieces)
 
 
 def _forward_length(t, send, reason):
@@ -106,6 +128,8 @@ def _forward_length(t, send, reason):
     size = message.head.content_length
     if reason is None and size > t.threshold:
         reason = ("Content-Length %d > stream_large_bodies %d", size, t.threshold)
+    if reason is None and size > t.limit and t.threshold is not INFINITY:
+        reason = ("Content-Length %d > body_size_limit %d, too large to buffer", size, t.limit)
     if reason is not None:
         t.decided("stream", reason)
         send(Framing.LENGTH, size)
@@ -214,11 +238,12 @@ def _stream_events(t, framing, out):
     spliced until EOF."""
     message = t.message
     message.streamed = True
-    if framing is Framing.CLOSE:
+    if framing is Framing.CLOSE and out is Framing.CLOSE:
         _stream_until_close(t)
         return
     dst = t.dst
     chunked = out is Framing.CHUNKED
+    rechunk = chunked and framing is not Framing.CHUNKED    # close-delimited, coded (gzip)
     pending = []    # every piece one read yields goes out in one send
 
     def flush():
@@ -230,7 +255,9 @@ def _stream_events(t, framing, out):
         event = next_event(t, flush)
         if type(event) is Data:
             size += len(event.data)
-            if chunked:
+            if rechunk:
+                pending.append(chunk(event.data))
+            elif chunked:
                 pending += (event.prefix, event.data, event.suffix)
             else:
                 pending.append(event.data)
@@ -238,7 +265,7 @@ def _stream_events(t, framing, out):
             message.body_size += size
             message.trailers = event.trailers
             if chunked:
-                pending.append(event.raw or b"0\r\n\r\n")
+                pending.append(event.raw if event.raw and not rechunk else b"0\r\n\r\n")
             flush()
             return
 

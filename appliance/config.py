@@ -210,6 +210,21 @@ class Admin:
                                       "admin/metrics port; null: off")
 
 
+_PSEUDONYM = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+
+
+def _via(value):
+    """``true`` (this box's host name), ``false`` (no Via) or a pseudonym token."""
+    if value is True:
+        import socket
+        return socket.gethostname().split(".")[0] or "sluice"
+    if value is False or value is None:
+        return None
+    if isinstance(value, str) and _PSEUDONYM.fullmatch(value):
+        return value
+    raise _Invalid("expected true, false or a name (a token, no spaces), got %r" % (value,))
+
+
 def _listen_list(value):
     if not isinstance(value, list) or not value:
         raise _Invalid("expected a non-empty list of {host, port, mode}")
@@ -234,6 +249,13 @@ class Config:
     scripts: tuple = _opt((), _str_list, "mitmproxy-compatible scripts")
     record: Record = _section(Record, "flow recording")
     admin: Admin = _section(Admin, "admin endpoint")
+    via: typing.Optional[str] = _opt(
+        _via(True), _via, "Via pseudonym added to every forwarded message: true (host name), false, "
+                    "or a name; a request already carrying it is a loop (508)")
+    forwarded: str = _opt(
+        "auto", _choice(("auto", "none", "xff", "rfc7239")),
+        "tell the origin the client's address: X-Forwarded-For (xff), Forwarded (rfc7239), "
+        "none; auto: xff on regular listeners, none on intercepting ones")
     workers: int = _opt(1, lambda v: _parse_int(v, 1, 256), "worker processes")
     log_level: str = _opt("info", _choice(LOG_LEVELS), "debug | info | warning | error")
     access_log: str = _opt("text", _access_log, "one line per flow to stderr: off | text | json")

@@ -4,6 +4,13 @@ Owns: the path of a request (read head -> destination -> upstream -> body -> res
 -> body -> next request), the upstream connection and its reuse, and the ONE place where
 exceptions become responses (``handle``).  Hands bodies to ``body``, tunnels to ``tunnel``,
 and head rendering to ``heads``.  Must not touch: listening sockets, signals, config loading.
+
+While a request body goes out, the origin is watched: a final response that comes before the
+body is done (an early 403, a 413) is forwarded at once, the rest of the body is not sent,
+and the client connection is closed after that response (lingering, so the client reads it).
+A response that fails after its head was sent ends the client connection: with a FIN when
+its framing (Content-Length, chunked) shows the body is short, with a reset (RST) when it is
+close-delimited and a FIN would make it look complete.
 """
 
 import logging
@@ -14,13 +21,15 @@ import gevent
 from . import body, errors, heads, relay, upstream
 from .flow import Flow, Request, Response
 from .http1 import NEED_DATA, ConnectionClosed, Framing, RequestParser, ResponseParser
-from .http1 import write_response_head
 from .tunnel import Tunnel
 
 log = logging.getLogger("sluice")
 
-EXPECT_WAIT = 1.0        # seconds to wait for the origin's 100 Continue (curl waits 1 s too)
+EXPECT_WAIT = 1.0         # seconds to wait for the origin's 100 Continue (curl waits 1 s too)
+LINGER_SECONDS = 2.0      # reading what a client still sends after its last answer
+LINGER_BYTES = 64 << 20
 INFINITY = body.INFINITY
+
 
 class Context:
     """What every connection shares: the config and facts about this box."""
@@ -55,8 +64,16 @@ class ClientConnection:
         self.server_reusable = False
         self.flow = None
         self.responded = False        # a response byte went to the client for this request
-        self.idle = False             # waiting for the first byte of a next request
+        self.out_framing = None       # the framing of the response the client is getting
+        self.early = None             # a final response head that came before the body went
+        self.abort = False            # end the client connection with a reset
+        self.idle = False             # waiting for the first byte of a request
         self.threshold = INFINITY if cfg.stream_large_bodies is None else cfg.stream_large_bodies
+        self.via = None if cfg.via is None else cfg.via.encode()
+        mode = cfg.forwarded
+        if mode == "auto":
+            mode = "xff" if listen.mode == "regular" else "none"
+        self.forwarded = heads.forwarded_field(mode, self.client_addr[0])
 
     # --- the one place that maps exceptions to answers ----------------------------------
 
@@ -72,12 +89,12 @@ class ClientConnection:
                 self._fail(504, "no response from %s within %gs" % (
                     self._dst_text(), self.cfg.timeouts.idle))
             else:
-                self._log_error("%s, closing" % exc)
+                self._fail(None, "%s, closing" % exc)
         except relay.PeerGone as exc:
             if exc.peer is self.server and not self.responded:
                 self._fail(502, "%s %s" % (self._dst_text(), exc.reason))
             else:
-                self._log_error(str(exc))
+                self._fail(None, str(exc))
         except Exception:     # a bug of ours: 500, and the traceback in the log
             log.exception("flow %s: internal error", self.flow.id if self.flow else "-")
             self._fail(500, "internal error", logged=True)
@@ -86,11 +103,16 @@ class ClientConnection:
             self._close()
 
     def _fail(self, status, message, logged=False):
+        """Log one line and answer ``status`` if no response byte went out yet; a response
+        already under way is cut (see the module's docstring)."""
         if self.flow is not None:
             self.flow.error = message
         if not logged:
-            self._log_error("%d %s" % (status, message))
-        if self.responded or self.client.eof:
+            self._log_error(message if status is None else "%d %s" % (status, message))
+        if self.responded:
+            self.abort = self.out_framing is Framing.CLOSE
+            return
+        if status is None or self.client.eof:
             return
         try:
             self.client.sendall(heads.error_response(status, message))
@@ -106,9 +128,17 @@ class ClientConnection:
         return "%s:%d" % dst if dst else "-"
 
     def _close(self):
-        for peer in (self.server, self.client):
-            if peer is not None:
-                peer.close()
+        if self.server is not None:
+            self.server.close()
+        client = self.client
+        if self.abort:
+            client.abort()
+            return
+        if not client.eof and client.is_stale():
+            # Unread bytes (a body we did not take): a plain close would reset the
+            # connection and could destroy the answer before the client read it.
+            client.linger(LINGER_SECONDS, LINGER_BYTES)
+        client.close()
 
     # --- the request loop --------------------------------------------------------------
 
@@ -120,6 +150,9 @@ class ClientConnection:
                 return
             first = False
             self.flow = Flow(self.client_addr, self.original_dst or ("-", 0), self.listen.mode)
+            if self.via is not None and heads.via_loop(head, self.via):
+                raise errors.LoopDetected("the request already went through %s (Via loop)" % (
+                    self.via.decode(),))
             dst = self._destination(head)
             if head.method == b"CONNECT":
                 self._tunnel_connect(head, dst)
@@ -128,45 +161,56 @@ class ClientConnection:
                 return
             self.parser.start_next()
             self.responded = False     # errors in the next request get their answer
+            self.out_framing = None
             self.flow = None
 
     def _read_request_head(self, first):
-        """The next request head, or None when the client closed (or idled out) cleanly."""
+        """The next request head, or None when the client closed (or idled out) cleanly.
+        The header timeout runs from the connection's start for a first request, and from
+        the first byte (an empty line included) for the next ones."""
+        parser = self.parser
         deadline = time.monotonic() + self.cfg.timeouts.header if first else None
         while True:
-            event = self.parser.next_event()
-            if event is NEED_DATA:
-                if deadline is None and self.parser.buffered:
-                    deadline = time.monotonic() + self.cfg.timeouts.header
-                if deadline is None:
-                    if self.ctx.draining:
-                        return None
-                    self.idle = True
-                    try:
-                        data = self.client.recv(wait_first=True)
-                    except (relay.IdleTimeout, relay.PeerGone):
-                        return None        # a keep-alive client leaving between requests
-                    finally:
-                        self.idle = False
-                else:
-                    left = deadline - time.monotonic()
-                    try:
-                        if left <= 0:
-                            raise relay.IdleTimeout(self.client)
-                        data = self.client.recv(seconds=left)
-                    except relay.IdleTimeout:
-                        if not self.parser.buffered:
-                            # Not one byte (a browser's preconnect): close without a 408.
-                            log.debug("conn %s:%d: no request within %gs, closing", *(
-                                self.client_addr + (self.cfg.timeouts.header,)))
-                            return None
-                        raise errors.ClientTimeout("request head not complete within %gs" % (
-                            self.cfg.timeouts.header,)) from None
-                self.parser.receive_data(data)
-            elif type(event) is ConnectionClosed:
-                return None
+            event = parser.next_event()
+            if event is not NEED_DATA:
+                return None if type(event) is ConnectionClosed else event
+            if not parser.head_started:
+                data = self._first_byte(deadline)
+                if not data:
+                    return None
             else:
-                return event
+                if deadline is None:
+                    deadline = time.monotonic() + self.cfg.timeouts.header
+                data = self._head_bytes(deadline)
+            parser.receive_data(data)
+
+    def _first_byte(self, deadline):
+        """Wait for a request to begin; None if the client leaves, stays silent (a browser's
+        preconnect: closed without a 408) or the proxy is draining.  While it waits the
+        connection is idle: draining closes it at once."""
+        if self.ctx.draining:
+            return None
+        self.idle = True
+        try:
+            if deadline is None:
+                return self.client.recv(wait_first=True)
+            return self.client.recv(seconds=max(deadline - time.monotonic(), 0.001),
+                                    wait_first=True)
+        except (relay.IdleTimeout, relay.PeerGone):
+            log.debug("conn %s:%d: no request, closing", *self.client_addr)
+            return None
+        finally:
+            self.idle = False
+
+    def _head_bytes(self, deadline):
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise relay.IdleTimeout(self.client)
+            return self.client.recv(seconds=left)
+        except relay.IdleTimeout:
+            raise errors.ClientTimeout("request head not complete within %gs" % (
+                self.cfg.timeouts.header,)) from None
 
     def _destination(self, head):
         """Where this request goes.  An absolute-form target is rewritten to origin-form
@@ -196,6 +240,7 @@ class ClientConnection:
         authority, path = rest[:end], rest[end:]
         host = head.headers.get(b"host")
         if host is None:
+            heads.split_authority(authority)      # a bad port is a 400 before anything
             head.headers.add(b"Host", authority)
         elif heads.split_authority(host.lower()) != heads.split_authority(authority.lower()):
             raise errors.BadHost("target authority %r differs from Host %r" % (authority, host))
@@ -215,7 +260,8 @@ class ClientConnection:
             self.server.close()
             self.server = None
         self.server_dst = dst
-        sock = upstream.connect(dst, self.cfg.timeouts.connect)
+        sock = upstream.connect(dst, self.cfg.timeouts.connect,
+                                (self.ctx.own_addresses, self.ctx.own_ports))
         self.server = relay.Peer(sock, "server %s:%d" % dst, self.cfg.timeouts.idle)
         self.rparser = ResponseParser(**self.limits)
         self.server_reusable = False
@@ -230,48 +276,83 @@ class ClientConnection:
         self._ensure_upstream(dst)
         self.server_reusable = False
         self.rparser.expect(head.method)
+        self.early = None
         upload = self._upload(request)
-        early = None
-        request_complete = True
         if head.expect_continue and head.framing is not Framing.NONE:
             self._send_request_head(head, head.framing, head.content_length)
-            early = self._await_continue()
-            if early is None:
-                request_complete = self._forward_request_body(upload, head_sent=True)
+            self.early = self._await_continue()
+            complete = self.early is None and self._send_request(upload, head_sent=True)
         else:
-            request_complete = self._forward_request_body(upload, head_sent=False)
+            complete = self._send_request(upload, head_sent=False)
         flow.mark("request_sent")
-        response_head = early or self._read_response_head()
+        response_head = self.early or self._read_response_head()
         response = flow.response = Response(response_head)
         if response_head.status == 101 and heads.websocket_upgrade(head):
             self._send_response_head(response_head, heads.response_fields(
-                response_head, head.version, upgrade=True))
+                response_head, head.version, self.via, upgrade=True))
             self._tunnel_upgraded()
             return False
-        keep_client = (head.keep_alive and request_complete and early is None
-                       and not self.ctx.draining)
+        keep_client = head.keep_alive and complete and not self.ctx.draining
         out_framing = body.forward(self._download(response, keep_client))
         flow.mark("response_sent")
         # Bytes after a complete response were never asked for: reusing the connection
         # would serve them as the answer to the next request (response queue poisoning).
-        self.server_reusable = (response_head.keep_alive and request_complete and early is None
+        self.server_reusable = (response_head.keep_alive and complete
                                 and not self.rparser.buffered)
         if self.server_reusable:
             self.rparser.start_next()
         self._log_flow(head, response_head)
         return keep_client and out_framing is not Framing.CLOSE
 
-    def _forward_request_body(self, upload, head_sent):
-        """Send the request (head and body); False if the origin went away mid-body (its
-        response may still explain why)."""
+    def _send_request(self, upload, head_sent):
+        """Send the request (head and body) while watching the origin; True if the whole
+        request went, False if the origin answered early or went away mid-body (its response
+        may still explain why)."""
+        client, server = self.client, self.server
+        client.alarm = server.alarm = server
+        client.on_alarm = server.on_alarm = self._origin_spoke
         try:
             body.forward(upload, head_sent=head_sent)
+        except relay.Interrupted:
+            self._log_error("origin answered before the request body was sent")
+            return False
         except relay.PeerGone as exc:
-            if exc.peer is not self.server:
+            if exc.peer is not server:
                 raise
             self._log_error("origin stopped reading the request body: %s" % exc)
             return False
+        finally:
+            client.alarm = server.alarm = client.on_alarm = server.on_alarm = None
         return True
+
+    def _origin_spoke(self):
+        """The origin sent something while the request body goes out: True (stop sending)
+        for a final response head, an EOF or garbage; 1xx heads are forwarded and sending
+        goes on."""
+        client, server = self.client, self.server
+        saved = client.alarm
+        client.alarm = server.alarm = None       # no alarms inside the alarm
+        try:
+            data = server.recv_nowait()
+            if data is None:
+                return False
+            self.rparser.receive_data(data)
+            while True:
+                try:
+                    event = self.rparser.next_event()
+                except errors.ProtocolError:
+                    return True        # _read_response_head raises it again, as a 502
+                if event is NEED_DATA:
+                    return False
+                if type(event) is ConnectionClosed:
+                    return True
+                if 100 <= event.status < 200 and event.status != 101:
+                    self._informational(event)
+                    continue
+                self.early = event
+                return True
+        finally:
+            client.alarm = server.alarm = saved
 
     def _await_continue(self):
         """After a head with ``Expect: 100-continue``: forward the origin's 100 and return
@@ -282,7 +363,7 @@ class ClientConnection:
             return None          # the origin says nothing: send the body, as curl would
         head = self._read_response_head(forward_continue=False)
         if head.status == 100:
-            self.client.sendall(write_response_head(head))
+            self._informational(head)
             return None
         return head
 
@@ -304,17 +385,21 @@ class ClientConnection:
             if 100 <= event.status < 200 and event.status != 101:
                 if event.status == 100 and not forward_continue:
                     return event
-                if self.flow.request.head.version == b"1.1":
-                    self.client.sendall(write_response_head(event))
+                self._informational(event)
                 continue
             return event
 
-    # --- heads -------------------------------------------------------------------------
+    def _informational(self, head):
+        """A 1xx goes to an HTTP/1.1 client without its hop-by-hop fields (1.0: dropped)."""
+        if self.flow.request.head.version == b"1.1":
+            self.client.sendall(heads.informational_bytes(head, self.via))
+
     # --- heads ------------------------------------------------------------------------
 
     def _send_request_head(self, head, framing, length=None, extra=b""):
-        fields = heads.framing_fields(heads.request_fields(head), head, framing, length)
-        data = heads.request_bytes(head, fields)
+        host = None if b"host" in head.headers else heads.authority(*self.server_dst)
+        fields = heads.request_fields(head, self.via, self.forwarded, host)
+        data = heads.request_bytes(head, heads.framing_fields(fields, head, framing, length))
         self.server.sendall(data + extra if extra else data)
 
     def _send_response_head(self, head, fields, extra=b""):
@@ -327,8 +412,9 @@ class ClientConnection:
         version = self.flow.request.head.version
 
         def send(framing, length=None, extra=b""):
+            self.out_framing = framing
             fields = heads.response_fields(
-                head, version, keep_client=keep_client and framing is not Framing.CLOSE)
+                head, version, self.via, keep_client=keep_client and framing is not Framing.CLOSE)
             self._send_response_head(head, heads.framing_fields(fields, head, framing, length),
                                      extra)
         return send
@@ -371,6 +457,7 @@ class ClientConnection:
         tunnel.run(to_server, to_client)
         if tunnel.error is not None:
             self._log_error("tunnel closed: %s" % tunnel.error)
+            self.abort = isinstance(tunnel.error, relay.PeerGone)   # mirror a reset
 
     # --- logging -----------------------------------------------------------------------
 

@@ -121,9 +121,10 @@ class ClientTimeout(SluiceError):
 
 
 class LoopDetected(SluiceError):
-    """The original destination is Sluice itself."""
+    """The request would come back to Sluice: its destination (resolved) is one of Sluice's
+    own listeners, or it already carries Sluice's own ``Via`` pseudonym."""
 
-    status = 400
+    status = 508
 
 
 class UpstreamError(SluiceError):

@@ -1,9 +1,14 @@
 """What goes on the wire for a head: hop-by-hop fields, framing fields, authority, errors.
 
 Owns: the fields Sluice forwards for a request or response head (end-to-end fields kept in
-their order and case, hop-by-hop ones dropped, the framing fields Sluice itself chose), the
-``host[:port]`` grammar of targets, the WebSocket upgrade test, and Sluice's own error
-responses.  Pure: no sockets, no config objects.
+their order and case, hop-by-hop ones dropped, the framing fields Sluice itself chose, ``Via``
+and the optional ``Forwarded`` / ``X-Forwarded-For``), the ``host[:port]`` grammar of targets,
+the WebSocket upgrade test, and Sluice's own error responses.  Pure: no sockets, no config
+objects.
+
+Sluice speaks HTTP/1.1 on both sides whatever its peers speak (RFC 9110 section 7.6: a proxy
+sends its own version), and it adds ``Via: <received version> <pseudonym>`` to every message
+it forwards, 1xx included, unless ``via`` is off.
 """
 
 from . import errors
@@ -37,10 +42,20 @@ def websocket_upgrade(head):
     return tokens == [b"websocket"]
 
 
+def transfer_codings(head):
+    """The transfer codings of ``head`` other than chunked (which Sluice re-frames), in
+    order: e.g. ``[b"gzip"]`` for ``Transfer-Encoding: gzip, chunked``."""
+    value = head.headers.get(b"transfer-encoding")
+    if value is None:
+        return []
+    return [c for c in (t.strip(b" \t").lower() for t in value.split(b",")) if c != b"chunked"]
+
+
 def framing_fields(fields, head, framing, length=None):
     """Append the framing fields for ``framing`` to ``fields``."""
     if framing is Framing.CHUNKED:
-        fields.append((b"Transfer-Encoding", head.headers.get(b"transfer-encoding", b"chunked")))
+        codings = transfer_codings(head)
+        fields.append((b"Transfer-Encoding", b", ".join(codings + [b"chunked"])))
     elif framing is Framing.LENGTH:
         fields.append((b"Content-Length", b"%d" % length))
     elif framing is Framing.NONE and head.content_length is not None:
@@ -48,9 +63,21 @@ def framing_fields(fields, head, framing, length=None):
     return fields
 
 
-def request_fields(head):
-    """The fields of a request head as forwarded to the origin (before framing)."""
+def _via(fields, head, via):
+    if via is not None:
+        fields.append((b"Via", head.version + b" " + via))
+    return fields
+
+
+def request_fields(head, via=None, forwarded=None, host=None):
+    """The fields of a request head as forwarded to the origin (before framing): ``host``
+    is added when the request has none (HTTP/1.0), ``forwarded`` is a (name, value) pair."""
     fields = strip_hop_by_hop(head.headers)
+    if host is not None and b"host" not in head.headers:
+        fields.insert(0, (b"Host", host))
+    if forwarded is not None:
+        fields.append(forwarded)
+    _via(fields, head, via)
     if websocket_upgrade(head):
         # Only WebSocket is let through; h2c and other upgrades would open a tunnel that
         # bypasses the parser (h2c smuggling), so the origin sees a plain request.
@@ -59,9 +86,9 @@ def request_fields(head):
     return fields
 
 
-def response_fields(head, client_version, upgrade=False, keep_client=True):
+def response_fields(head, client_version, via=None, upgrade=False, keep_client=True):
     """The fields of a final response head as forwarded to the client (before framing)."""
-    fields = strip_hop_by_hop(head.headers)
+    fields = _via(strip_hop_by_hop(head.headers), head, via)
     if upgrade:
         fields.append((b"Connection", b"Upgrade"))
         fields.append((b"Upgrade", head.headers.get(b"upgrade", b"")))
@@ -73,13 +100,38 @@ def response_fields(head, client_version, upgrade=False, keep_client=True):
 
 
 def request_bytes(head, fields):
-    return write_request_head(RequestHead(head.method, head.target, head.version,
-                                          Headers(fields)))
+    """A request head as Sluice sends it: always HTTP/1.1 (our own version)."""
+    return write_request_head(RequestHead(head.method, head.target, b"1.1", Headers(fields)))
 
 
 def response_bytes(head, fields):
     """A response head as Sluice sends it: always HTTP/1.1 (our own version)."""
     return write_response_head(ResponseHead(b"1.1", head.status, head.reason, Headers(fields)))
+
+
+def informational_bytes(head, via=None):
+    """A 1xx head for the client, without its hop-by-hop fields."""
+    return response_bytes(head, _via(strip_hop_by_hop(head.headers), head, via))
+
+
+def forwarded_field(mode, client_ip):
+    """The (name, value) Sluice adds for ``forwarded: xff | rfc7239``, or None."""
+    if mode == "xff":
+        return (b"X-Forwarded-For", client_ip.encode())
+    if mode == "rfc7239":
+        node = '"[%s]"' % client_ip if ":" in client_ip else client_ip
+        return (b"Forwarded", ("for=%s;proto=http" % node).encode())
+    return None
+
+
+def via_loop(head, pseudonym):
+    """True when ``head`` already went through a proxy calling itself ``pseudonym``."""
+    for value in head.headers.get_all(b"via"):
+        for hop in value.split(b","):
+            parts = hop.split()
+            if len(parts) >= 2 and parts[1].lower() == pseudonym.lower():
+                return True
+    return False
 
 
 def error_response(status, message):
@@ -92,14 +144,21 @@ def error_response(status, message):
 
 
 def split_authority(authority):
-    """``host[:port]`` (with ``[v6]``) -> (host str, port int)."""
+    """``host[:port]`` (with ``[v6]``) -> (host str, port int); a port must be 1-65535."""
     text = authority.decode("latin-1")
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else ""
     else:
         host, _, port = text.partition(":")
-    try:
-        return host, int(port) if port else 80
-    except ValueError:
-        raise errors.BadHost("invalid port in %r" % (authority,)) from None
+    if not port:
+        return host, 80
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise errors.BadHost("invalid port in %r (must be 1-65535)" % (authority,))
+    return host, int(port)
+
+
+def authority(host, port):
+    """(host, port) -> ``host[:port]`` bytes for a Host field (IPv6 in brackets)."""
+    text = "[%s]" % host if ":" in host else host
+    return (text if port == 80 else "%s:%d" % (text, port)).encode("latin-1")

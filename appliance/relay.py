@@ -20,8 +20,11 @@ import fcntl
 import os
 import select
 import socket
+import struct
+import time
 
 from gevent import Timeout, get_hub, getcurrent
+from gevent.hub import Waiter
 
 SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -43,6 +46,11 @@ class IdleTimeout(Exception):
         super().__init__("%s: no progress for %gs" % (
             peer.name, peer.idle if seconds is None else seconds))
         self.peer = peer
+
+
+class Interrupted(Exception):
+    """A wait was cut short because the watched peer has something to say (an origin that
+    answers before the request body is sent)."""
 
 
 class PeerGone(Exception):
@@ -74,6 +82,10 @@ class Peer:
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN | select.POLLRDHUP)
         self.eof = False
+        # While set, every wait also watches ``alarm`` (another Peer) for readability and
+        # calls ``on_alarm()``; when that returns True the wait raises ``Interrupted``.
+        self.alarm = None
+        self.on_alarm = None
 
     def _expire(self, greenlet):
         greenlet.throw(IdleTimeout(self))
@@ -83,11 +95,39 @@ class Peer:
             with Timeout(seconds, IdleTimeout(self, seconds)):
                 get_hub().wait(watcher)
             return
+        if self.alarm is not None:
+            self._wait_or_alarm(watcher, timer)
+            return
         timer.again(self._expire, getcurrent())
         try:
             get_hub().wait(watcher)
         finally:
             timer.stop()
+
+    def _wait_or_alarm(self, watcher, timer):
+        alarm = self.alarm._alarm_watcher()
+        while True:
+            waiter = Waiter(get_hub())
+            watcher.start(waiter.switch, watcher)
+            alarm.start(waiter.switch, alarm)
+            timer.again(self._expire, getcurrent())
+            try:
+                fired = waiter.get()
+            finally:
+                watcher.stop()
+                alarm.stop()
+                timer.stop()
+            if fired is watcher:
+                return
+            if self.on_alarm():
+                raise Interrupted()
+
+    def _alarm_watcher(self):
+        """A read watcher of its own for others to watch (ours may be in use)."""
+        watcher = getattr(self, "_alarm", None)
+        if watcher is None:
+            watcher = self._alarm = get_hub().loop.io(self.fd, 1)
+        return watcher
 
     def wait_read(self, seconds=None):
         self._wait(self._read_watcher, self._read_timer, seconds)
@@ -111,6 +151,18 @@ class Peer:
             if not data:
                 self.eof = True
             return data
+
+    def recv_nowait(self, size=RECV_SIZE):
+        """What is there now: bytes, ``b""`` at EOF, None if nothing arrived."""
+        try:
+            data = self._raw.recv(size)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise PeerGone(self, exc.strerror or str(exc)) from exc
+        if not data:
+            self.eof = True
+        return data
 
     def recv_into(self, buf):
         while True:
@@ -147,7 +199,36 @@ class Peer:
         except OSError:
             pass
 
+    def abort(self):
+        """Close with a reset (RST): the peer can tell that what it got is incomplete."""
+        try:
+            self._raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        self.close()
+
+    def linger(self, seconds, limit):
+        """Half-close, then read and discard what the peer still sends (at most ``limit``
+        bytes for ``seconds``), so that closing does not reset a response it has not read."""
+        self.shutdown_write()
+        deadline = time.monotonic() + seconds
+        left = limit
+        try:
+            while left > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                data = self.recv(min(left, RECV_SIZE), seconds=remaining, wait_first=True)
+                if not data:
+                    return
+                left -= len(data)
+        except (IdleTimeout, PeerGone):
+            return
+
     def close(self):
+        alarm = getattr(self, "_alarm", None)
+        if alarm is not None:
+            alarm.close()
         self._read_timer.close()
         self._write_timer.close()
         self._read_watcher.close()

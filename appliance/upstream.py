@@ -13,7 +13,7 @@ import struct
 import gevent
 from gevent import socket as gsocket
 
-from .errors import ConnectFailed, ConnectTimeout
+from .errors import ConnectFailed, ConnectTimeout, LoopDetected
 
 SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80     # linux/netfilter_ipv6/ip6_tables.h
@@ -77,13 +77,22 @@ def is_loop(dst, own_addresses, own_ports):
         return False
 
 
-def connect(dst, timeout, source=None):
-    """A connected gevent socket to ``dst``; ``ConnectFailed`` (502) or ``ConnectTimeout``."""
+def connect(dst, timeout, own=None):
+    """A connected gevent socket to ``dst``; ``ConnectFailed`` (502) or ``ConnectTimeout``.
+    ``own`` is (addresses, ports) of this box's listeners: a name that resolves to one of them
+    is a loop (``LoopDetected``), checked before any connection is made."""
     host, port = dst
+    if not 1 <= port <= 65535:
+        raise ConnectFailed("invalid port %d" % port)
     try:
         with gevent.Timeout(timeout, ConnectTimeout("no connection to %s:%d within %gs" % (
                 host, port, timeout))):
             infos = gsocket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            if own is not None:
+                for info in infos:
+                    if is_loop((info[4][0], port), *own):
+                        raise LoopDetected("%s:%d resolves to %s, Sluice itself (loop)" % (
+                            host, port, info[4][0]))
             last = None
             for family, kind, proto, _, address in infos:
                 sock = gsocket.socket(family, kind, proto)

@@ -39,6 +39,7 @@ _VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
 _CODINGS = frozenset([b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"])
 _TRAILER_FORBIDDEN = frozenset([b"content-length", b"transfer-encoding", b"host"])
 _MAX_HEX_DIGITS = 16
+MAX_EMPTY_LINES = 4       # empty lines ignored before a request line (RFC 9112 2.2: at least one)
 
 
 class State(enum.Enum):
@@ -104,6 +105,7 @@ class _Parser:
         self._remaining = 0        # LENGTH: body bytes still due; CHUNK_DATA: of this chunk
         self._chunk_prefix = b""   # size line of the chunk being read, until its first Data
         self._last_chunk = b""
+        self._empty_lines = 0      # CRLFs skipped before the head being read
         self._reset_scan()
 
     # --- feeding --------------------------------------------------------------------------
@@ -142,6 +144,11 @@ class _Parser:
         return self._state
 
     @property
+    def head_started(self):
+        """True once any byte of the next head arrived, a skipped empty line included."""
+        return self._empty_lines > 0 or len(self._buf) > self._pos
+
+    @property
     def body_remaining(self):
         """Bytes of a Content-Length body neither received nor skipped yet."""
         if self._state is not State.LENGTH:
@@ -159,6 +166,7 @@ class _Parser:
         if self._state is not State.DONE:
             raise RuntimeError("start_next() in state %s" % self._state.name)
         self._state = State.HEAD
+        self._empty_lines = 0
         self._reset_scan()
 
     # --- events ---------------------------------------------------------------------------
@@ -237,9 +245,14 @@ class _Parser:
     def _step_head(self):
         buf = self._buf
         if self._line_start == self._pos:
-            # RFC 9112 section 2.2: ignore at least one empty line before a request line.
+            # RFC 9112 section 2.2: ignore at least one empty line before a request line;
+            # they count as the start of a head (its timer runs), and only a few pass.
             while buf[self._pos:self._pos + 2] == b"\r\n":
                 self._pos += 2
+                self._empty_lines += 1
+                if self._empty_lines > MAX_EMPTY_LINES:
+                    raise errors.BadRequestLine("more than %d empty lines before a head" % (
+                        MAX_EMPTY_LINES,))
                 self._reset_scan()
         end = self._find_block_end(self.max_header_bytes, errors.HeadTooLarge,
                                    errors.TooManyHeaders, "head")

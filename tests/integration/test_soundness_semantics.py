@@ -41,6 +41,14 @@ def proxy(lab, tmp_path_factory):
     handle.close()
 
 
+@pytest.fixture(autouse=True)
+def _redirects_stay_with_the_module_proxy(lab, proxy):
+    """Tests that start a proxy of their own take some of its ports over; give them back."""
+    yield
+    for dport in proxy.redirected:
+        lab.redirect(proxy.port, dport)
+
+
 @pytest.fixture
 def log(proxy):
     view = LogView(proxy)
@@ -104,7 +112,7 @@ def test_request_carrying_our_own_via_is_a_loop(lab, proxy, log, test_origin):
 
 def test_sigterm_does_not_wait_for_connections_that_never_sent_a_byte(lab, sluice):
     # Browsers preconnect and send nothing.  SIGTERM waited for them for timeouts.header.
-    handle = sluice({"listen": [{"host": "::", "port": 8080, "mode": "transparent"}],
+    handle = sluice({"listen": [{"host": "::", "port": 8084, "mode": "transparent"}],
                      "timeouts": {"header": "30s", "drain": "30s"}}, dports=(80,))
     code = ("s = socket.create_connection((ORIGIN_IP, 80), timeout=5)\n"
             "print('OPEN', flush=True)\ntime.sleep(20)\n")

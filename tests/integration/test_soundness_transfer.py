@@ -41,6 +41,14 @@ def proxy(lab, tmp_path_factory):
     handle.close()
 
 
+@pytest.fixture(autouse=True)
+def _redirects_stay_with_the_module_proxy(lab, proxy):
+    """Tests that start a proxy of their own take some of its ports over; give them back."""
+    yield
+    for dport in proxy.redirected:
+        lab.redirect(proxy.port, dport)
+
+
 @pytest.fixture
 def log(proxy):
     view = LogView(proxy)
