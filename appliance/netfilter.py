@@ -14,10 +14,13 @@ The work is split the way sshuttle splits it (``linux.py``, ``methods/nat.py``,
   ``Ruleset.uninstall()`` mirrors them (``-D`` for every ``-A``, in reverse).
 - ``cleanup(port, state)`` -> the argv lists that remove whatever an earlier apply left, read
   from the rules in place (``iptables -S``, ``ip rule``, ``ip route show table``): every jump to
-  the chain (whatever the interfaces were then), the chain, the fwmark rule, the route table,
-  and a nat or mangle table that iptables-nft leaves behind empty.
-- ``apply`` runs the cleanup, then ``install()``, and rolls back on a failure; ``remove`` runs
-  the cleanup; ``show`` prints exactly the commands ``apply`` would run now.
+  the chain (whatever the interfaces were then), the chain, the fwmark rule, the route table.
+  iptables-nft leaves a table behind once it exists, even empty: when apply had to create the
+  nat or mangle table it marks it with an empty chain ``SLUICE-<port>-CREATED``, and cleanup
+  deletes a table so marked if nothing else is in it, so that ``iptables-save`` reads the
+  same before apply and after remove.
+- ``plan(ruleset, state)`` -> (cleanup, install): ``apply`` runs them, and rolls back on a
+  failure; ``remove`` runs the cleanup; ``show`` prints them, exactly.
 
 Rule order inside the chain: ``RETURN`` for local destinations (this box's own addresses),
 ``RETURN`` for ``exclude``, then one ``REDIRECT``/``TPROXY`` rule per port.  Sluice's own
@@ -35,6 +38,7 @@ import subprocess
 from . import config as config_module
 
 CHAIN = "SLUICE-%d"
+CREATED = "SLUICE-%d-CREATED"   # an empty chain: apply created this table (iptables-nft)
 TOOLS = {4: "iptables", 6: "ip6tables"}
 IP = {4: ["ip"], 6: ["ip", "-6"]}
 NFT_FAMILY = {4: "ip", 6: "ip6"}
@@ -88,11 +92,17 @@ class Ruleset:
     def chain(self):
         return CHAIN % self.port
 
-    def install(self):
+    def install(self, created=()):
         """The argv lists that add everything, in order: routes before the marks that need
-        them, the chain and its body before the jumps into it, sysctls last."""
+        them, the chain and its body before the jumps into it, sysctls last.  ``created``:
+        the families whose table does not exist yet, marked as ours with an empty chain
+        ``SLUICE-<port>-CREATED`` so that remove deletes the table again, and only then."""
         out = [list(route.add) for route in self.routes]
-        out += [[TOOLS[f], "-w", "-t", self.table, "-N", self.chain] for f in self.families]
+        for family in self.families:
+            ipt = [TOOLS[family], "-w", "-t", self.table]
+            if family in created:
+                out.append(ipt + ["-N", CREATED % self.port])
+            out.append(ipt + ["-N", self.chain])
         out += [rule.argv("-A") for rule in self.rules]
         out += [["sysctl", "-w", "%s=%s" % item] for item in self.sysctls]
         return out
@@ -220,6 +230,8 @@ class State:
     ip_rules: dict       # family -> `ip rule show` text, or None
     routes: dict         # family -> `ip route show table T` text, or None
     nft: bool            # iptables is the nf_tables variant (empty tables can be deleted)
+    tables: dict = dataclasses.field(default_factory=dict)
+    #                      (family, table) -> whether the nft table exists (nft only)
 
 
 def cleanup(port, state):
@@ -230,16 +242,18 @@ def cleanup(port, state):
         if listing is None:
             continue
         lines = listing.splitlines()
-        ours = [line for line in lines if _is_ours(line, chain)]
+        ours = [line for line in lines if _is_ours(line, port)]
         ipt = [TOOLS[family], "-w", "-t", table]
         for line in ours:
             if not line.startswith("-A %s " % chain) and line.startswith("-A "):
                 out.append(ipt + ["-D"] + shlex.split(line)[1:])
         if "-N %s" % chain in lines:
             out += [ipt + ["-F", chain], ipt + ["-X", chain]]
-        rest = [line for line in lines if line not in ours]
-        if ours and state.nft and all(_is_accept_policy(line) for line in rest):
-            out.append(["nft", "delete", "table", NFT_FAMILY[family], table])
+        if "-N %s" % (CREATED % port) in lines:
+            out.append(ipt + ["-X", CREATED % port])
+            rest = [line for line in lines if line not in ours]
+            if state.nft and all(_is_accept_policy(line) for line in rest):
+                out.append(["nft", "delete", "table", NFT_FAMILY[family], table])
     table = str(route_table(port))
     for family, listing in sorted(state.ip_rules.items()):
         for line in (listing or "").splitlines():
@@ -252,9 +266,21 @@ def cleanup(port, state):
     return out
 
 
-def _is_ours(line, chain):
-    words = line.split()
-    return (line == "-N %s" % chain or line.startswith("-A %s " % chain)
+def plan(ruleset, state):
+    """(cleanup, install): the argv lists ``apply`` runs, given the ``state`` in place.  The
+    table of a family is marked as created when it does not exist once cleaned up."""
+    steps = cleanup(ruleset.port, state)
+    deleted = {(family, argv[-1]) for argv in steps if argv[0] == "nft"
+               for family, name in NFT_FAMILY.items() if argv[-2] == name}
+    created = tuple(family for family in ruleset.families if state.nft and (
+        (family, ruleset.table) in deleted or state.tables.get((family, ruleset.table)) is False))
+    return steps, ruleset.install(created)
+
+
+def _is_ours(line, port):
+    chain, words = CHAIN % port, line.split()
+    return (line in ("-N %s" % chain, "-N %s" % (CREATED % port))
+            or line.startswith("-A %s " % chain)
             or (words[:1] == ["-A"] and words[-2:] == ["-j", chain]))
 
 
@@ -326,7 +352,13 @@ def read_state(port):
                                         if shutil.which(TOOLS[family]) else None)
         ip_rules[family] = _run(IP[family] + ["rule", "show"])
         routes[family] = _run(IP[family] + ["route", "show", "table", table], check=False)
-    return State(listings, ip_rules, routes, "nf_tables" in _run(["iptables", "--version"]))
+    nft = "nf_tables" in _run(["iptables", "--version"]) and shutil.which("nft") is not None
+    tables = {}
+    if nft:
+        existing = set((_run(["nft", "list", "tables"]) or "").splitlines())
+        tables = {(family, name): "table %s %s" % (NFT_FAMILY[family], name) in existing
+                  for family in (4, 6) for name in TABLES}
+    return State(listings, ip_rules, routes, nft, tables)
 
 
 def check_box(cfg, interfaces):
@@ -378,16 +410,16 @@ def show(cfg, out, fmt="commands"):
     for line in _header(ruleset, origin):
         print(line, file=out)
     try:
-        steps = cleanup(ruleset.port, read_state(ruleset.port))
+        steps, install = plan(ruleset, read_state(ruleset.port))
         print("# 1. clean up what an earlier apply left in place%s" % (
             "" if steps else ": nothing"), file=out)
     except NetfilterError as exc:
-        steps = []
+        steps, install = [], ruleset.install()
         print("# 1. clean up: cannot read the rules in place (%s)" % exc, file=out)
     for argv in steps:
         print(shlex.join(argv), file=out)
     print("# 2. add the rules, then set the sysctls", file=out)
-    for argv in ruleset.install():
+    for argv in install:
         print(shlex.join(argv), file=out)
 
 
@@ -398,10 +430,11 @@ def apply(cfg, out):
     check_box(cfg, ruleset.interfaces)
     for line in _header(ruleset, origin):
         print(line, file=out)
-    for argv in cleanup(ruleset.port, read_state(ruleset.port)):
+    steps, install = plan(ruleset, read_state(ruleset.port))
+    for argv in steps:
         _echo_run(argv, out)
     try:
-        for argv in ruleset.install():
+        for argv in install:
             if argv[0] == "sysctl":
                 key, value = argv[2].split("=", 1)
                 old = (_run(["sysctl", "-n", key], check=False) or "?").strip()

@@ -121,6 +121,7 @@ NAT_V6_ONLY_OURS = """\
 -P OUTPUT ACCEPT
 -P POSTROUTING ACCEPT
 -N SLUICE-8080
+-N SLUICE-8080-CREATED
 -A PREROUTING -i eth1 -j SLUICE-8080
 -A SLUICE-8080 -m addrtype --dst-type LOCAL -j RETURN
 """
@@ -138,7 +139,8 @@ def state(nft=True, v6=NAT_V6_ONLY_OURS):
     return netfilter.State(
         listings={(4, "nat"): NAT_V4, (4, "mangle"): EMPTY, (6, "nat"): v6, (6, "mangle"): None},
         ip_rules={4: IP_RULES, 6: "0:\tfrom all lookup local\n"},
-        routes={4: "local default dev lo scope host\n", 6: None}, nft=nft)
+        routes={4: "local default dev lo scope host\n", 6: None}, nft=nft,
+        tables={(4, "nat"): True, (4, "mangle"): True, (6, "nat"): True, (6, "mangle"): False})
 
 
 def test_cleanup_removes_every_jump_to_the_chain_and_nothing_else():
@@ -152,17 +154,41 @@ def test_cleanup_removes_every_jump_to_the_chain_and_nothing_else():
         "ip6tables -w -t nat -D PREROUTING -i eth1 -j SLUICE-8080",
         "ip6tables -w -t nat -F SLUICE-8080",
         "ip6tables -w -t nat -X SLUICE-8080",
-        "nft delete table ip6 nat",     # iptables-nft would leave it behind, empty
+        "ip6tables -w -t nat -X SLUICE-8080-CREATED",
+        "nft delete table ip6 nat",     # apply created it; iptables-nft would leave it, empty
         "ip rule del pref 32765 from all fwmark 0x5c/0xff lookup 108080",
         "ip route flush table 108080",
     ]
 
 
-def test_cleanup_keeps_an_empty_table_without_nft_and_one_it_never_touched():
+def test_cleanup_deletes_only_a_table_apply_created_and_left_empty():
     steps = [shlex.join(argv) for argv in netfilter.cleanup(8080, state(nft=False))]
+    assert not [s for s in steps if s.startswith("nft")]             # iptables-legacy
+    existed = NAT_V6_ONLY_OURS.replace("-N SLUICE-8080-CREATED\n", "")
+    steps = [shlex.join(argv) for argv in netfilter.cleanup(8080, state(v6=existed))]
+    assert not [s for s in steps if s.startswith("nft")]             # there before apply
+    busy = NAT_V6_ONLY_OURS + "-A POSTROUTING -o eth0 -j MASQUERADE\n"
+    steps = [shlex.join(argv) for argv in netfilter.cleanup(8080, state(v6=busy))]
+    assert "ip6tables -w -t nat -X SLUICE-8080-CREATED" in steps     # the operator's since
     assert not [s for s in steps if s.startswith("nft")]
     steps = [shlex.join(argv) for argv in netfilter.cleanup(8080, state(v6=EMPTY))]
     assert not [s for s in steps if s.startswith("nft") or s.startswith("ip6tables")]
+
+
+def test_plan_marks_the_tables_apply_creates():
+    ruleset = rendered("tproxy-both-families")      # mangle: absent for IPv6 in state()
+    steps, install = netfilter.plan(ruleset, state())
+    assert [a for a in install if "-N" in a] == [
+        ["iptables", "-w", "-t", "mangle", "-N", "SLUICE-8081"],
+        ["ip6tables", "-w", "-t", "mangle", "-N", "SLUICE-8081-CREATED"],
+        ["ip6tables", "-w", "-t", "mangle", "-N", "SLUICE-8081"]]
+    ruleset = rendered("redirect-default")          # nat: the cleanup deletes the IPv6 one
+    steps, install = netfilter.plan(ruleset, state())
+    assert ["nft", "delete", "table", "ip6", "nat"] in steps
+    assert ["ip6tables", "-w", "-t", "nat", "-N", "SLUICE-8080-CREATED"] in install
+    assert ["iptables", "-w", "-t", "nat", "-N", "SLUICE-8080-CREATED"] not in install
+    steps, install = netfilter.plan(ruleset, state(nft=False))
+    assert install == ruleset.install()
 
 
 def test_cleanup_of_nothing_is_nothing():
