@@ -121,7 +121,7 @@ install:
 	  fi; \
 	  chown $(SLUICE_USER):$(SLUICE_USER) $(STATEDIR); \
 	  if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
-	  echo "next: edit $(CONFDIR)/sluice.yaml, review with 'sluice iptables show', then 'systemctl enable --now sluice'"; \
+	  echo "next: edit $(CONFDIR)/sluice.yaml, review with 'sluice iptables show -c $(CONFDIR)/sluice.yaml', then 'systemctl enable --now sluice'"; \
 	fi
 
 uninstall:

@@ -342,15 +342,16 @@ def _run(argv, check=True):
 
 
 def read_state(port):
-    """What ``cleanup`` needs, read with the tools (needs root).  A family whose iptables
-    is not installed has None listings."""
+    """What ``cleanup`` needs, read with the tools (needs root).  IPv6 is read when it can be:
+    without ip6tables, or with IPv6 disabled, its listings are None."""
     listings, ip_rules, routes = {}, {}, {}
     table = str(route_table(port))
     for family in (4, 6):
         for name in TABLES:
-            listings[(family, name)] = (_run([TOOLS[family], "-w", "-t", name, "-S"])
-                                        if shutil.which(TOOLS[family]) else None)
-        ip_rules[family] = _run(IP[family] + ["rule", "show"])
+            listings[(family, name)] = (
+                _run([TOOLS[family], "-w", "-t", name, "-S"], check=family == 4)
+                if shutil.which(TOOLS[family]) else None)
+        ip_rules[family] = _run(IP[family] + ["rule", "show"], check=family == 4)
         routes[family] = _run(IP[family] + ["route", "show", "table", table], check=False)
     nft = "nf_tables" in _run(["iptables", "--version"]) and shutil.which("nft") is not None
     tables = {}
@@ -394,9 +395,10 @@ def _prepare(cfg):
 
 
 def _header(ruleset, origin):
-    return ["# chain %s: method %s to port %d, destination ports %s, IPv%s" % (
-                ruleset.chain, ruleset.method, ruleset.port,
-                " ".join(str(p) for p in ruleset.ports), " and IPv".join(map(str, ruleset.families))),
+    families = " and ".join("IPv%d" % family for family in ruleset.families)
+    ports = " ".join(str(port) for port in ruleset.ports)
+    return ["# chain %s: method %s to port %d, destination ports %s, %s" % (
+                ruleset.chain, ruleset.method, ruleset.port, ports, families),
             "# LAN interfaces %s (%s)" % (" ".join(ruleset.interfaces), origin)]
 
 

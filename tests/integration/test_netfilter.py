@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from tests.lab.netns import NGINX_PORT, REPO_ROOT, Namespace, _run, netns_list
+from tests.lab.netns import REPO_ROOT, Namespace, _run, netns_list
 
 SNAPSHOT = (["iptables-save"], ["ip6tables-save"], ["ip", "rule"], ["ip", "-6", "rule"],
             ["ip", "route", "show", "table", "all"], ["ip", "-6", "route", "show", "table", "all"])

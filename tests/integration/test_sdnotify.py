@@ -6,7 +6,6 @@ after it.  Real clients in the client namespace make the counts move."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
