@@ -178,6 +178,9 @@ def _wait_workers(children, channel, board):
                 board.stop()
                 forward(signal.SIGTERM)      # one worker down: stop the rest, fail
     signal.set_wakeup_fd(-1)
+    for fd in (wake_r, wake_w):
+        os.close(fd)
+    channel.close()
     return 1 if failed else 0
 
 
