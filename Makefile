@@ -11,7 +11,8 @@ DEBS   := python3-venv nginx-light iptables iproute2 curl wrk procps nftables ru
 
 all: test
 
-# Debian packages the tests and the demo drive (nginx origin, iptables REDIRECT, curl, wrk).
+# Debian packages the tests and the demo drive (nginx origin, iptables and nft, curl, wrk; ruby
+# parses the Vagrantfile, systemd-analyze checks the unit, strace its system calls).
 deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

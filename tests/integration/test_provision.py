@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from tests.lab.netns import REPO_ROOT
-from tests.lab.provision import SCRIPT, intercept_off, provision_gateway
+from tests.lab.netns import REPO_ROOT, child_env
+from tests.lab.provision import SCRIPT, SLUICE, intercept_off, provision_gateway
 
 VAGRANTFILE = REPO_ROOT / "Vagrantfile"
 
@@ -118,3 +118,27 @@ def test_script_provisions_the_lab_gateway(lab, sluice, static_files):
         removed = intercept_off(lab, handle.config_path)
     assert removed.returncode == 0, removed.stderr
     assert without_comments(snapshot(lab)) == before
+
+
+def test_script_finds_the_lan_by_address_and_starts_from_the_shipped_config(lab, tmp_path):
+    """The Vagrant gateway's way: no config yet, the LAN named by one of its addresses."""
+    config = tmp_path / "etc" / "sluice.yaml"
+    env = child_env({"SLUICE_INSTALL": "0", "SLUICE_SYSTEMD": "0", "SLUICE": SLUICE,
+                     "SLUICE_CONFIG": str(config), "SLUICE_LAN_ADDR": lab.gateway_ip})
+    out = lab.gateway.run(["sh", str(SCRIPT)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "starting from the shipped default" in out.stdout
+        shipped = (REPO_ROOT / "etc" / "sluice.yaml").read_text()
+        assert config.read_text() == shipped.replace(
+            "  interfaces: null\n", "  interfaces: [%s]\n" % lab.gateway_dev)
+        assert "-A PREROUTING -i %s -j SLUICE-8080" % lab.gateway_dev in "".join(snapshot(lab))
+    finally:
+        removed = intercept_off(lab, config)
+    assert removed.returncode == 0, removed.stderr
+    env["SLUICE_LAN_ADDR"] = "192.0.2.99"                  # on no interface of the gateway
+    config.unlink()
+    out = lab.gateway.run(["sh", str(SCRIPT)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert out.returncode == 1 and "no interface holds 192.0.2.99" in out.stdout
