@@ -2,8 +2,10 @@ from setuptools import find_packages, setup
 
 from appliance import __version__
 
+# The distribution is sluice-appliance ("sluice" is another project's name on the package
+# index); the import package stays `appliance` and the command `sluice`.
 setup(
-    name="sluice",
+    name="sluice-appliance",
     version=__version__,
     description="Transparent HTTP proxy appliance for Linux gateways: buffer or stream every body",
     packages=find_packages(include=["appliance", "appliance.*"]),

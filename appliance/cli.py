@@ -38,7 +38,24 @@ def build_parser():
     sub.add_parser("version", help="print the version")
     text = "list, filter, follow or export (HAR, pcap) the recorded flows"
     flowsview.add_arguments(sub.add_parser("flows", help=text, description=text))
+    _iptables_parser(sub)
     return parser
+
+
+def _iptables_parser(sub):
+    text = "interception rules from the intercept section (appliance.netfilter does the work)"
+    ipt = sub.add_parser("iptables", help=text, description=text)
+    actions = ipt.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    for name, help_text in (
+            ("apply", "clean up, add the rules, set the sysctls (idempotent)"),
+            ("remove", "remove every rule an apply added (sysctls stay)"),
+            ("show", "print what apply would run, or the rules as an iptables-restore file")):
+        action = actions.add_parser(name, help=help_text, description=help_text)
+        _common(action)
+        if name == "show":
+            action.add_argument("--format", choices=("commands", "rules.v4", "rules.v6"),
+                                default="commands", help="default: commands")
 
 
 def load_config(args):
@@ -67,8 +84,29 @@ def main(argv=None):
     if args.command == "config":
         yaml.safe_dump(_plain(config.to_plain(cfg)), sys.stdout, sort_keys=False)
         return EXIT_OK
+    if args.command == "iptables":
+        return _iptables(args, cfg)
     from . import server
     return server.run(cfg)
+
+
+def _iptables(args, cfg):
+    from . import netfilter
+    if cfg.intercept is None:
+        print("%s: no intercept section: nothing to do for sluice iptables" % (
+            args.config or "<default>"), file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if args.action == "show":
+            netfilter.show(cfg, sys.stdout, args.format)
+        elif args.action == "apply":
+            netfilter.apply(cfg, sys.stdout)
+        elif netfilter.remove(cfg, sys.stdout):
+            return EXIT_FAILURE
+    except netfilter.NetfilterError as exc:
+        print("sluice iptables %s: %s" % (args.action, exc), file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _plain(value):

@@ -11,6 +11,7 @@ does the parsing.
 """
 
 import dataclasses
+import ipaddress
 import re
 import typing
 
@@ -27,6 +28,10 @@ MODES = ("transparent", "regular", "tproxy")
 RELAYS = ("splice", "copy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ACCESS_LOGS = ("off", "text", "json")
+METHODS = ("redirect", "tproxy")
+METHOD_MODES = {"redirect": "transparent", "tproxy": "tproxy"}   # intercept.method -> listen.mode
+_IFNAME = re.compile(r"[^\s/:]{1,15}")                       # Linux: IFNAMSIZ - 1, no / : space
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 
 
 class _Invalid(Exception):
@@ -139,6 +144,49 @@ def _no_crlf_tree(value):
     return value
 
 
+def _port_list(value):
+    if not isinstance(value, list):
+        raise _Invalid("expected a list of TCP ports, got %r" % (value,))
+    ports = tuple(_parse_int(item, 1, 65535) for item in value)
+    if len(set(ports)) != len(ports):
+        raise _Invalid("a port is listed twice: %r" % (value,))
+    return ports
+
+
+def _interface_list(value):
+    if not isinstance(value, list) or not value:
+        raise _Invalid("expected a non-empty list of interface names (null: detect them)")
+    names = tuple(_parse_str(item) for item in value)
+    for name in names:
+        if not _IFNAME.fullmatch(name) or name in (".", ".."):
+            raise _Invalid("not an interface name: %r" % (name,))
+        if name == "lo":
+            raise _Invalid("lo is never a LAN side (local: true intercepts the box's own traffic)")
+    if len(set(names)) != len(names):
+        raise _Invalid("an interface is listed twice: %r" % (value,))
+    return names
+
+
+def _cidr_list(value):
+    if not isinstance(value, list):
+        raise _Invalid("expected a list of CIDRs, got %r" % (value,))
+    nets = []
+    for item in value:
+        try:
+            nets.append(str(ipaddress.ip_network(_parse_str(item).strip())))
+        except ValueError as exc:
+            raise _Invalid("not a CIDR: %s" % exc) from None
+    if len(set(nets)) != len(nets):
+        raise _Invalid("a CIDR is listed twice: %r" % (value,))
+    return tuple(nets)
+
+
+def _user_name(value):
+    if not isinstance(value, str) or not _USER.fullmatch(value):
+        raise _Invalid("expected a user name or numeric uid as a string, got %r" % (value,))
+    return value
+
+
 def _rules(value):
     if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
         raise _Invalid("expected a list of rule mappings")
@@ -151,6 +199,12 @@ def _opt(default, parse, doc):
 
 def _section(cls, doc):
     return dataclasses.field(default_factory=cls, metadata={"section": cls, "doc": doc})
+
+
+def _optional_section(cls, doc):
+    """A section that is absent (None) unless the file has it; ``{}`` gives its defaults."""
+    return dataclasses.field(default=None, metadata={"section": cls, "optional": True,
+                                                     "doc": doc})
 
 
 # --- the schema ---------------------------------------------------------------------------
@@ -225,6 +279,26 @@ def _via(value):
     raise _Invalid("expected true, false or a name (a token, no spaces), got %r" % (value,))
 
 
+@dataclasses.dataclass(frozen=True)
+class Intercept:
+    """What ``sluice iptables apply`` sends to Sluice; checked against ``listen`` on load."""
+    interfaces: typing.Optional[tuple] = _opt(
+        None, _optional(_interface_list),
+        "LAN interfaces whose traffic is intercepted; null: every interface with an address "
+        "except lo and the default route's")
+    ports: tuple = _opt((80,), _port_list, "destination ports of plain HTTP")
+    tls_ports: tuple = _opt((), _port_list, "destination ports of TLS, relayed untouched by SNI")
+    exclude: tuple = _opt((), _cidr_list, "destination CIDRs never intercepted")
+    method: str = _opt("redirect", _choice(METHODS),
+                       "redirect (nat REDIRECT to the transparent listener) | tproxy "
+                       "(mangle TPROXY to the tproxy listener)")
+    ipv6: bool = _opt(True, _parse_bool, "intercept IPv6 too (ip6tables)")
+    local: bool = _opt(False, _parse_bool,
+                       "intercept the box's own outbound traffic too (redirect only)")
+    user: str = _opt("sluice", _user_name,
+                     "the user Sluice runs as: its own connections are never intercepted")
+
+
 def _listen_list(value):
     if not isinstance(value, list) or not value:
         raise _Invalid("expected a non-empty list of {host, port, mode}")
@@ -257,6 +331,8 @@ class Config:
         "tell the origin the client's address: X-Forwarded-For (xff), Forwarded (rfc7239), "
         "none; auto: xff on regular listeners, none on intercepting ones")
     workers: int = _opt(1, lambda v: _parse_int(v, 1, 256), "worker processes")
+    intercept: typing.Optional[Intercept] = _optional_section(
+        Intercept, "interception rules for `sluice iptables`; absent or null: none")
     log_level: str = _opt("info", _choice(LOG_LEVELS), "debug | info | warning | error")
     access_log: str = _opt("text", _access_log, "one line per flow to stderr: off | text | json")
 
@@ -328,6 +404,8 @@ class _Builder:
     def convert(self, field, value, path):
         meta = field.metadata
         if "section" in meta:
+            if value is None and meta.get("optional"):
+                return None
             return self.build(meta["section"], value, path)
         try:
             value = meta["parse"](value)
@@ -392,6 +470,9 @@ def load(path=None, text=None, overrides=()):
     builder = _Builder(source, lines, override_paths)
     config = builder.build(Config, tree, ())
     _check_together(config, builder)
+    if not builder.problems and config.intercept is not None:
+        for key, message in intercept_problems(config):
+            builder.problem(("intercept",) + ((key,) if key else ()), message)
     if builder.problems:
         raise ConfigError(builder.problems)
     return config
@@ -403,6 +484,44 @@ def _check_together(config, builder):
     if segment is not None and segment > config.record.max_bytes:
         builder.problem(("record", "segment_bytes"), "%d is more than record.max_bytes (%d)"
                         % (segment, config.record.max_bytes))
+def intercept_listener(config):
+    """The ``listen`` entry that ``intercept.method`` sends traffic to: the first one of the
+    matching mode (transparent for redirect, tproxy for tproxy), or None."""
+    mode = METHOD_MODES[config.intercept.method]
+    return next((listen for listen in config.listen if listen.mode == mode), None)
+
+
+WILDCARDS = {"::": {4, 6}, "0.0.0.0": {4}}  # listener host -> families it accepts
+
+
+def intercept_problems(config):
+    """(key, message) for every ``intercept`` combination that cannot work, so that no
+    option is accepted that would do nothing."""
+    icpt = config.intercept
+    out = []
+    listen = intercept_listener(config)
+    if listen is None:
+        out.append(("method", "method %s needs a listen entry with mode %s" % (
+            icpt.method, METHOD_MODES[icpt.method])))
+    elif listen.host not in WILDCARDS:
+        out.append(("method", "the %s listener is on %s: intercepted connections arrive on "
+                    "the LAN interface's address, so it must listen on '::' or '0.0.0.0'" % (
+                        listen.mode, listen.host)))
+    elif icpt.ipv6 and 6 not in WILDCARDS[listen.host]:
+        out.append(("ipv6", "ipv6: true, but the %s listener on %s takes IPv4 only; "
+                    "listen on '::' or set ipv6: false" % (listen.mode, listen.host)))
+    if not icpt.ports and not icpt.tls_ports:
+        out.append(("ports", "no port to intercept: ports and tls_ports are both empty"))
+    both = sorted(set(icpt.ports) & set(icpt.tls_ports))
+    if both:
+        out.append(("tls_ports", "listed in ports and tls_ports: %s" % both))
+    if not icpt.ipv6:
+        v6 = [net for net in icpt.exclude if ":" in net]
+        if v6:
+            out.append(("exclude", "IPv6 CIDRs with ipv6: false exclude nothing: %s" % v6))
+    if icpt.local and icpt.method != "redirect":
+        out.append(("local", "local: true works with method redirect only"))
+    return out
 
 
 def to_plain(config):

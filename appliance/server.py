@@ -4,15 +4,20 @@ Owns: one gevent ``StreamServer`` per ``listen`` entry (transparent, regular or 
 listener on ``::`` is dual stack), ``spawn=Pool(limits.max_connections)``, logging setup,
 SIGTERM/SIGINT draining, and ``workers: N``: N processes, each with its own ``SO_REUSEPORT``
 listeners (the kernel spreads connections), under a parent that forwards signals and waits.
+systemd (``Type=notify``) hears from ``sdnotify``: READY=1 once listening, RELOADING=1 and
+READY=1 around a SIGHUP's ``Proxy.reload()``, STOPPING=1, STATUS= every few seconds,
+WATCHDOG=1; with workers, the supervisor speaks for them all.
 Must not touch: HTTP (``connection.py`` serves each client).
 """
 
 import ctypes
 import logging
 import os
+import select
 import signal
 import socket
 import sys
+import time
 
 import gevent
 from gevent import socket as gsocket
@@ -20,7 +25,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from . import __version__, upstream
+from . import __version__, sdnotify, upstream
 from .connection import ClientConnection, Context
 
 log = logging.getLogger("sluice")
@@ -64,6 +69,7 @@ class Proxy:
         self.ctx = Context(cfg, upstream.local_addresses(), {l.port for l in cfg.listen})
         self.pool = Pool(cfg.limits.max_connections)
         self.servers = []
+        self.served = 0     # connections handled to the end, for STATUS=
 
     def start(self):
         for listen in self.cfg.listen:
@@ -76,8 +82,20 @@ class Proxy:
         ctx = self.ctx
 
         def handle(sock, address):
-            ClientConnection(sock, address, listen, ctx).handle()
+            try:
+                ClientConnection(sock, address, listen, ctx).handle()
+            finally:
+                self.served += 1
         return handle
+
+    def counts(self):
+        """(active connections, connections served so far)."""
+        return len(self.pool), self.served
+
+    def reload(self):
+        """SIGHUP, between RELOADING=1 and READY=1.  Re-reading config, rules and scripts is
+        the rules issue's work; for now this only logs."""
+        log.info("SIGHUP: reload requested (nothing to reload yet)")
 
     def drain(self):
         """Stop accepting at once; let exchanges in flight finish within timeouts.drain."""
@@ -101,43 +119,90 @@ def run(cfg):
 
 def _supervise(cfg):
     """Fork ``cfg.workers`` workers (before any gevent loop exists here), forward
-    SIGTERM/SIGINT/SIGHUP to them, and wait.  Exit 0 only if every worker did."""
+    SIGTERM/SIGINT/SIGHUP to them, speak to systemd for them all (``sdnotify.Workers``), and
+    wait.  Exit 0 only if every worker did."""
+    board = sdnotify.Workers(cfg.workers, sdnotify.Notifier.from_environ(),
+                             sdnotify.watchdog_interval())
+    channel, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     children = {}
     for worker in range(cfg.workers):
         pid = os.fork()
         if pid == 0:
+            channel.close()
             _die_with_parent()
             setup_logging(cfg.log_level, worker)
             code = 1
             try:
-                code = serve(cfg)
+                code = serve(cfg, sdnotify.WorkerChannel(
+                    worker_end, worker, sdnotify.report_interval(board.watchdog)))
             finally:
                 logging.shutdown()
                 os._exit(code)
         children[pid] = worker
+    worker_end.close()
     log.info("%d workers: %s", cfg.workers, " ".join(str(p) for p in children))
+    return _wait_workers(children, channel, board)
 
-    def forward(signum, _frame):
+
+def _wait_workers(children, channel, board):
+    """The supervisor's loop: signals, worker notices, exits, STATUS= and WATCHDOG=1."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    pending = []
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda signum, _frame: pending.append(signum))
+
+    def forward(signum):
         for pid in children:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
     failed = 0
     while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        worker = children.pop(pid, None)
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            failed += 1
-            log.error("worker %s (pid %d) exited with %d", worker, pid, code)
-            forward(signal.SIGTERM, None)      # one worker down: stop the rest, fail
+        readable, _, _ = select.select([channel, wake_r], [], [], board.tick())
+        if wake_r in readable:
+            os.read(wake_r, 512)
+        while pending:
+            signum = pending.pop(0)
+            (board.reload if signum == signal.SIGHUP else board.stop)()
+            forward(signum)
+        _read_notices(channel, board)
+        for pid, code in _reap():
+            worker = children.pop(pid, None)
+            board.gone(worker)
+            if code != 0:
+                failed += 1
+                log.error("worker %s (pid %d) exited with %d", worker, pid, code)
+                board.stop()
+                forward(signal.SIGTERM)      # one worker down: stop the rest, fail
+    signal.set_wakeup_fd(-1)
+    for fd in (wake_r, wake_w):
+        os.close(fd)
+    channel.close()
     return 1 if failed else 0
+
+
+def _read_notices(channel, board):
+    while True:
+        try:
+            board.message(channel.recv(4096, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return
+
+
+def _reap():
+    """(pid, exit code) of every child that has exited, without waiting."""
+    out = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return out
+        if pid == 0:
+            return out
+        out.append((pid, os.waitstatus_to_exitcode(status)))
 
 
 def _die_with_parent():
@@ -148,24 +213,54 @@ def _die_with_parent():
         log.warning("cannot set PR_SET_PDEATHSIG: a worker may outlive a killed supervisor")
 
 
-def serve(cfg):
-    """One process's proxy: listen, serve until SIGTERM/SIGINT, drain."""
+def serve(cfg, channel=None):
+    """One process's proxy: listen, serve until SIGTERM/SIGINT, drain.  It tells systemd
+    how it goes (``$NOTIFY_SOCKET``), or, as a worker, the supervisor (``channel``)."""
+    notifier = channel or sdnotify.Notifier.from_environ()
+    watchdog = None if channel else sdnotify.watchdog_interval()
     proxy = Proxy(cfg)
     try:
         proxy.start()
     except OSError as exc:
         log.error("cannot listen: %s", exc)
+        notifier.send("STATUS=cannot listen: %s" % exc, "ERRNO=%d" % (exc.errno or 0))
         return 1
     threshold = cfg.stream_large_bodies
     log.info("sluice %s ready: stream_large_bodies %s, body_size_limit %d, relay %s",
              __version__, "off" if threshold is None else threshold, cfg.body_size_limit,
              cfg.relay)
+    notifier.ready(sdnotify.status_text(*proxy.counts()))
+    every = channel.every if channel else sdnotify.report_interval(watchdog)
+    reporter = gevent.spawn(_report, proxy, notifier, every, watchdog)
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
-    gevent.signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
+    gevent.signal_handler(signal.SIGHUP, _reload, proxy, notifier)
     stop.wait()
+    notifier.stopping()
+    reporter.kill()
     log.info("stopping: listeners closed, draining for up to %gs", cfg.timeouts.drain)
     proxy.drain()
     log.info("stopped")
     return 0
+
+
+def _reload(proxy, notifier):
+    notifier.reloading()
+    try:
+        proxy.reload()
+    finally:
+        notifier.ready(sdnotify.status_text(*proxy.counts()))
+
+
+def _report(proxy, notifier, every, watchdog):
+    """STATUS= (or a worker's counts) every ``every`` seconds; WATCHDOG=1 at half the
+    watchdog interval, from the event loop itself, so a stuck loop misses it."""
+    next_status = time.monotonic() + every
+    while True:
+        gevent.sleep(min(every, watchdog / 2) if watchdog else every)
+        if watchdog:
+            notifier.watchdog()
+        if time.monotonic() >= next_status:
+            next_status += every
+            notifier.status(*proxy.counts())

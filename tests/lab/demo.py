@@ -5,12 +5,13 @@ minute.
 
 Builds the lab (tests.lab.netns: client, gateway and origin network namespaces), starts nginx in
 the origin namespace with a small HTML page and a 1 GiB file, starts Sluice in the gateway
-(transparent listener on [::]:8080, stream_large_bodies 1m, log_level info) and REDIRECTs the
-client's port-80 connections to it.  Then, from the client namespace: curl the small page
-(Sluice's log says it BUFFERED it), download the 1 GiB file through Sluice (sha256 checked;
-Sluice's log says it STREAMED it), remove the REDIRECT and download the same file routed by the
-same gateway without interception, and print the speed ratio.  Everything is torn down in a
-`finally`.  Exit status: 0 if everything worked, 1 if anything failed (a wrong hash, a wrong
+(transparent listener on [::]:8080, stream_large_bodies 1m, log_level info) and sets up the
+gateway with deploy/gateway.sh, the script that provisions the Vagrant gateway VM: its
+`sluice iptables apply` REDIRECTs the client's port-80 connections to Sluice.  Then, from the
+client namespace: curl the small page (Sluice's log says it BUFFERED it), download the 1 GiB
+file through Sluice (sha256 checked; Sluice's log says it STREAMED it), `sluice iptables
+remove` and download the same file routed by the same gateway without interception, and print
+the speed ratio.  Everything is torn down in a `finally`.  Exit status: 0 if everything worked, 1 if anything failed (a wrong hash, a wrong
 decision, Sluice died or logged an error), 2 if the machine lacks root or a tool.
 
 This module owns only its own run: its work directory under /tmp and the lab it builds.  The
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from .netns import NGINX_PORT, Lab, LabError, netns_list, stop_process
 from .nginx import Nginx, make_file
+from .provision import intercept_off, provision_gateway
 
 PROXY_PORT = 8080
 BIG_SIZE = 1 << 30
@@ -69,6 +71,13 @@ stream_large_bodies: 1m
 relay: {relay}
 log_level: {log_level}
 workers: {workers}
+"""
+
+# What deploy/gateway.sh finds in the config: it writes the LAN interface in place of null.
+INTERCEPT_CONFIG = """\
+intercept:
+  interfaces: null
+  ports: [80]
 """
 
 # -- helpers shared with tests.bench.proxy ----------------------------------------------------
@@ -116,11 +125,13 @@ class SluiceProc:
     read line by line (each exchange logs one `flow N ...` line at log_level info)."""
 
     def __init__(self, lab: Lab, workdir: Path, port: int = PROXY_PORT, relay: str = "splice",
-                 log_level: str = "info", name: str = "sluice", workers: int = 1):
+                 log_level: str = "info", name: str = "sluice", workers: int = 1,
+                 intercept: bool = False):
         self.lab, self.port = lab, port
         self.config_path = workdir / ("%s.yaml" % name)
         self.config_path.write_text(SLUICE_CONFIG.format(port=port, relay=relay, log_level=log_level,
-                                                          workers=workers))
+                                                          workers=workers)
+                                    + (INTERCEPT_CONFIG if intercept else ""))
         self.log_path = workdir / ("%s.log" % name)
         self.proc: subprocess.Popen | None = None
         self._offset = 0
@@ -310,12 +321,17 @@ def run(lab: Lab, workdir: Path, out: Out) -> None:
              % (nginx.proc.pid, lab.origin_ip, NGINX_PORT, len(PAGE), time.monotonic() - t0))
     out.more("sha256 of /1g.bin %s" % big_sha)
 
-    sluice = SluiceProc(lab, workdir).start()
-    lab.redirect(PROXY_PORT, NGINX_PORT)
+    sluice = SluiceProc(lab, workdir, intercept=True).start()
+    provisioned = provision_gateway(lab, sluice.config_path)
+    if provisioned.returncode != 0:
+        raise DemoError("deploy/gateway.sh failed (exit %d):\n%s%s" % (
+            provisioned.returncode, provisioned.stdout[-2000:], provisioned.stderr[-2000:]))
     out.step("sluice", "pid %d in the gateway, transparent on [::]:%d, stream_large_bodies 1m, relay splice"
              % (sluice.pid, PROXY_PORT))
-    out.more("iptables -t nat -A PREROUTING -i %s -p tcp --dport %d -j REDIRECT --to-ports %d"
-             % (lab.gateway_dev, NGINX_PORT, PROXY_PORT))
+    out.more("deploy/gateway.sh (as for the Vagrant gateway): LAN %s, sluice iptables apply:" % lab.gateway_dev)
+    for line in provisioned.stdout.splitlines():
+        if " -A " in line:
+            out.more(line)
     try:
         exercise(lab, sluice, big_sha, out)
     except DemoError as exc:
@@ -362,16 +378,18 @@ def exercise(lab: Lab, sluice: SluiceProc, big_sha: str, out: Out) -> None:
         raise DemoError("1 GiB through Sluice: got %d bytes with sha256 %s, expected %d bytes with %s"
                         % (count, sha, BIG_SIZE, big_sha))
 
-    lab.redirect(PROXY_PORT, NGINX_PORT, enabled=False)
+    removed = intercept_off(lab, sluice.config_path)
+    if removed.returncode != 0:
+        raise DemoError("sluice iptables remove failed: %s" % removed.stderr.strip())
     sluice.mark()
     direct = best_of(2, lambda: curl_stats(lab, big_url))
     time.sleep(0.2)
     leaked = [line for line in sluice.new_lines() if " flow " in line]
     if leaked:
-        raise DemoError("the REDIRECT was removed but Sluice still saw: %s" % leaked[0])
+        raise DemoError("the rules were removed but Sluice still saw: %s" % leaked[0])
     if direct.size != BIG_SIZE:
         raise DemoError("direct download: %d bytes" % direct.size)
-    out.step("direct", "REDIRECT removed: the gateway only routes; the same download, not intercepted")
+    out.step("direct", "sluice iptables remove: the gateway only routes; the same download, not intercepted")
     out.more("%.0f MB/s  (to /dev/null, best of 2; Sluice's log shows no new flow)" % direct.mbps, "speed")
 
     sluice.check_alive()
