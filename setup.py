@@ -15,7 +15,8 @@ setup(
         "PyYAML>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "hypothesis>=6.90", "h11>=0.14", "websocket-client>=1.6"],
+        "test": ["pytest>=7.4", "hypothesis>=6.90", "h11>=0.14", "websocket-client>=1.6",
+                 "websockets>=12"],
     },
     entry_points={"console_scripts": ["sluice=appliance.cli:main"]},
 )
