@@ -90,7 +90,6 @@ class ClientConnection:
         self.server_dst = None
         self.rparser = None
         self.server_reusable = False
-        self.pipe = None
         self.buf = None
         self.flow = None
         self.responded = False        # a response byte went to the client for this request
@@ -156,8 +155,6 @@ class ClientConnection:
         for peer in (self.server, self.client):
             if peer is not None:
                 peer.close()
-        if self.pipe is not None:
-            self.pipe.close()
 
     # --- the request loop --------------------------------------------------------------
 
@@ -573,9 +570,11 @@ class ClientConnection:
 
     def _relay(self, src, dst, count):
         if self.cfg.relay == "splice":
-            if self.pipe is None:
-                self.pipe = relay.Pipe()
-            return relay.splice(src, dst, self.pipe, count)
+            pipe = relay.take_pipe()
+            try:
+                return relay.splice(src, dst, pipe, count)
+            finally:
+                relay.give_pipe(pipe)
         if self.buf is None:
             self.buf = bytearray(relay.COPY_SIZE)
         return relay.copy(src, dst, self.buf, count)

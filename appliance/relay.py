@@ -6,7 +6,13 @@ a reused buffer.  Must not touch: HTTP semantics (framing is decided by the call
 
 Every wait is on a watcher created once per socket (``gevent.socket.wait_read`` would make a
 new one per call, which measured 30-50% slower), and is bounded by ``idle`` seconds: no
-progress for that long raises ``IdleTimeout``.  OS errors become ``PeerGone``.
+progress for that long raises ``IdleTimeout``.  Each direction (reading, writing) has its own
+timer, restarted with the FULL interval by every wait (libev's ``again``), so ``idle`` limits
+one silence, never the sum of all waits, and two greenlets may use one Peer as long as one only
+reads and the other only writes (a tunnel).  OS errors become ``PeerGone``.
+
+Pipes for splice come from a small per-process pool; a pipe that saw an error while it still
+held bytes is closed, never reused (its bytes would be delivered to the next transfer).
 """
 
 import errno
@@ -15,13 +21,14 @@ import os
 import select
 import socket
 
-from gevent import Timeout, get_hub
+from gevent import Timeout, get_hub, getcurrent
 
 SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 SPLICE_F_MORE = getattr(os, "SPLICE_F_MORE", 4)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1024 * 1024
+PIPE_POOL = 64                    # clean pipes kept for reuse per process
 COPY_SIZE = 256 * 1024
 RECV_SIZE = 64 * 1024             # heads and buffered bodies
 STREAM_RECV_SIZE = 256 * 1024     # bodies streamed through the parser (chunked)
@@ -48,7 +55,7 @@ class PeerGone(Exception):
 
 
 class Peer:
-    """One connected socket: non-blocking I/O with long-lived watchers and an idle timer."""
+    """One connected socket: non-blocking I/O with long-lived watchers and idle timers."""
 
     def __init__(self, sock, name, idle):
         self.sock = sock
@@ -60,26 +67,33 @@ class Peer:
         loop = get_hub().loop
         self._read_watcher = loop.io(self.fd, 1)
         self._write_watcher = loop.io(self.fd, 2)
-        self._timer = Timeout(idle, IdleTimeout(self))
+        # One timer per direction; ``again`` restarts it with the full ``idle`` each wait
+        # (a repeat of 0 never fires: idle 0 means no limit).
+        self._read_timer = loop.timer(0.0, idle)
+        self._write_timer = loop.timer(0.0, idle)
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN | select.POLLRDHUP)
         self.eof = False
 
-    def _wait(self, watcher, seconds=None):
-        # gevent fixes a Timeout's interval when it is made: the idle timer is made once
-        # and reused; any other limit (a header deadline, the Expect wait) gets its own.
-        timer = self._timer if seconds is None else Timeout(seconds, IdleTimeout(self, seconds))
-        timer.start()
+    def _expire(self, greenlet):
+        greenlet.throw(IdleTimeout(self))
+
+    def _wait(self, watcher, timer, seconds=None):
+        if seconds is not None:        # a deadline of the caller's (header, Expect wait)
+            with Timeout(seconds, IdleTimeout(self, seconds)):
+                get_hub().wait(watcher)
+            return
+        timer.again(self._expire, getcurrent())
         try:
             get_hub().wait(watcher)
         finally:
-            timer.cancel()
+            timer.stop()
 
     def wait_read(self, seconds=None):
-        self._wait(self._read_watcher, seconds)
+        self._wait(self._read_watcher, self._read_timer, seconds)
 
     def wait_write(self):
-        self._wait(self._write_watcher)
+        self._wait(self._write_watcher, self._write_timer)
 
     def recv(self, size=RECV_SIZE, seconds=None, wait_first=False):
         """Up to ``size`` bytes; ``b""`` at EOF.  ``wait_first`` when the bytes are not
@@ -134,7 +148,8 @@ class Peer:
             pass
 
     def close(self):
-        self._timer.close()
+        self._read_timer.close()
+        self._write_timer.close()
         self._read_watcher.close()
         self._write_watcher.close()
         try:
@@ -144,10 +159,11 @@ class Peer:
 
 
 class Pipe:
-    """A kernel pipe for splice, made large once and reused for the connection's life."""
+    """A kernel pipe for splice, made large once; ``held`` counts the bytes in it."""
 
     def __init__(self):
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.held = 0
         try:
             fcntl.fcntl(self.w, F_SETPIPE_SZ, PIPE_SIZE)
             self.size = PIPE_SIZE
@@ -157,6 +173,22 @@ class Pipe:
     def close(self):
         os.close(self.r)
         os.close(self.w)
+
+
+_pipes = []
+
+
+def take_pipe():
+    """A clean pipe from the pool (or a new one)."""
+    return _pipes.pop() if _pipes else Pipe()
+
+
+def give_pipe(pipe):
+    """Back to the pool if it is empty; a pipe still holding bytes is closed."""
+    if pipe.held or len(_pipes) >= PIPE_POOL:
+        pipe.close()
+    else:
+        _pipes.append(pipe)
 
 
 def splice(src, dst, pipe, count=None):
@@ -184,10 +216,10 @@ def splice(src, dst, pipe, count=None):
             if count is None:
                 break
             raise PeerGone(src, "closed with %d of %d body bytes sent" % (moved, count))
-        left = n
-        while left:
+        pipe.held = n     # stays set if writing fails: the pipe is then never reused
+        while pipe.held:
             try:
-                left -= os.splice(pipe.r, dst.fd, left, flags=read_flags | SPLICE_F_MORE)
+                pipe.held -= os.splice(pipe.r, dst.fd, pipe.held, flags=read_flags | SPLICE_F_MORE)
             except BlockingIOError:
                 dst.wait_write()
             except OSError as exc:

@@ -24,8 +24,9 @@ import dataclasses
 import pytest
 
 from tests.integration.conftest import Sluice
-from tests.integration.test_errors import (CONFIG, OK, LogView, assert_error_reply, exchange,
-                                           origin_got_nothing, pause, read_until, send)
+from tests.integration.rawclient import (LogView, assert_error_reply, exchange, origin_got_nothing, pause,
+                                         read_until, send)
+from tests.integration.test_errors import CONFIG, OK
 from tests.lab import rawserver as raw
 from tests.lab.netns import ORIGIN_IP, RAW_PORT
 

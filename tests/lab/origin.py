@@ -11,6 +11,7 @@ can read what the origin was sent.
 
 Endpoints (query parameters; HEAD works on all of them and never gets a body):
     GET  /bytes?n=N[&pause_after=K&pause=S]          Content-Length N, body(N)
+    GET  /bytes?n=N&piece=P&every=S                  the same, trickled: P bytes every S seconds
     GET  /chunked?n=N&chunk=C[&pause_after=K&pause=S][&trailers=1]
                                                      chunked, C-byte chunks; with a pause, a
                                                      chunk ends at K; trailer X-Checksum: sha256
@@ -514,6 +515,14 @@ class Server:
         head = head_bytes(200, headers + self.conn_headers(req))
         if req.method == "HEAD":
             conn.sendall(head)
+            return True
+        piece, every = req.number("piece", 0), req.number("every", 0.0, float)
+        if piece > 0 and every > 0:   # trickled: steady progress, each wait shorter than S
+            conn.sendall(head)
+            for start in range(0, n, piece):
+                if start:
+                    gevent.sleep(every)
+                self.send_range(conn, start, min(n, start + piece))
             return True
         for i, (start, end) in enumerate(self.segments(req, n)):
             if i:
