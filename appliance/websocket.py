@@ -286,7 +286,9 @@ class _Direction:
         self.stream = settings.stream
         self.idle = settings.idle
         deflate = settings.deflate
-        self.parser = FrameParser(from_client, deflate is not None)
+        # Buffered: a frame longer than max_message is refused at its header (1009).
+        self.parser = FrameParser(from_client, deflate is not None,
+                                  None if settings.stream else settings.max_message)
         self.assembler = MessageAssembler(from_client, settings.max_message, settings.stream,
                                           settings.record_max, deflate)
         takeover = deflate is not None and not (deflate.client_no_context_takeover
