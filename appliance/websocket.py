@@ -420,10 +420,14 @@ class _Direction:
     def _process_buffered(self):
         out, size = [], 0
         while True:
-            event = self.parser.next_event()
+            try:
+                event = self.parser.next_event()
+                result = None if event is NEED_DATA else self.assembler.feed(event)
+            except WebSocketError:
+                self._send(out)         # whole frames handled before the fault still go
+                raise
             if event is NEED_DATA:
                 break
-            result = self.assembler.feed(event)
             if result is None:
                 continue
             pieces = [result.raw] if isinstance(result, Control) else self._deliver(result)

@@ -601,3 +601,14 @@ def test_changes_ignored_under_deflate_context_takeover(harnesses):
     client.close()
     server_thread.join(WAIT)
     harness.join()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["buffered", "stream"])
+def test_messages_before_a_violation_in_the_same_chunk_are_delivered(harnesses, stream):
+    h = raw_harness(harnesses, stream=stream)
+    h.client_end.sendall(client_frame(Opcode.TEXT, b"good") +
+                         client_frame(Opcode.TEXT, b"bad", mask=None))
+    got = read_frames(h.server_end, from_client=True)
+    assert [type(e) for e in got] == [Message, Control] and got[0].data == b"good"
+    assert [c for c, _ in closes(got)] == [1002]
+    h.join()
