@@ -18,7 +18,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7.4", "hypothesis>=6.90", "h11>=0.14", "websocket-client>=1.6",
-                 "jsonschema>=4.17"],
+                 "jsonschema>=4.17", "websockets>=12"],
     },
     entry_points={"console_scripts": ["sluice=appliance.cli:main"]},
 )
