@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBS   := python3-venv nginx-light iptables iproute2 curl wrk procps nftables ruby systemd strace tshark
+DEBS   := python3-venv nginx-light iptables iproute2 curl wrk procps nftables ruby systemd strace tshark openssl
 
 .PHONY: all deps venv demo test unit integration bench bench-parser soak clean \
         install uninstall runtime-deps iptables-rules
