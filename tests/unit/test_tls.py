@@ -332,10 +332,10 @@ BAD = [
         id="http-connect"),
     bad(SSL2_HELLO, NotTLS, r"record: b'\\x80", within=1, id="sslv2-compatible-hello"),
     bad(b"\x16garbage-after-the-type-byte", NotTLS, r"b'\\x16g", within=2, id="garbage-after-16"),
-    bad(b"\x16\x03\x05\x00\x10" + b"x" * 16, NotTLS, r"b'\\x16\\x03\\x05", within=3, id="version-3.5"),
+    bad(b"\x16\x03\x05\x00\x10" + b"x" * 16, NotTLS, r"b'\\x16\\x03\\x05", within=3,
+        id="version-3.5"),
     bad(b"\x16\x02\x00\x00\x10" + b"x" * 16, NotTLS, r"b'\\x16\\x02", within=2, id="version-2.0"),
-    bad(b"\x15\x03\x01\x00\x02\x02\x28", NotTLS, r"b'\\x15", within=1,
-        id="alert-first"),
+    bad(b"\x15\x03\x01\x00\x02\x02\x28", NotTLS, r"b'\\x15", within=1, id="alert-first"),
     # Record layer.
     bad(record(b""), BadClientHello, "length 0", within=5, id="empty-record"),
     bad(record(b"x" * 10, length=2 ** 14 + 1), BadClientHello, "length 16385", within=5,
