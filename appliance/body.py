@@ -1,25 +1,29 @@
 """One message body on its way through the proxy: buffered, spliced, or streamed chunk by chunk.
 
 Owns: the buffer-or-stream decision for one body and the moving of its bytes, with the framing
-the destination gets (Content-Length, chunked, or until close).  Must not touch: heads (the
-caller's ``send_head`` writes them), connections, upstream selection, error responses.  It
-raises ``errors`` for the caller to map, and ``relay.PeerGone`` / ``relay.IdleTimeout`` as
-they come.
+the destination gets (Content-Length, chunked, or until close), and running a stream
+transform (a script's callable, ``replace`` rules) over a streamed body.  Must not touch:
+heads (the caller's ``send_head`` writes them), connections, upstream selection, error
+responses, rules or scripts themselves (the caller's ``Plan`` says what to do).  It raises
+``errors`` for the caller to map, and ``relay.PeerGone`` / ``relay.IdleTimeout`` as they come.
 
 Buffer or stream, one rule for every framing (requests and responses alike): a body is
 buffered up to ``min(threshold, limit)`` bytes, the most Sluice will hold for it; past that
-it is streamed, and where streaming is off (threshold None: buffer everything) it is refused
-(413 for requests, 502 for responses).  So:
+it is streamed, and where streaming is off (threshold None, or a rule's ``stream: false``)
+it is refused (413 for requests, 502 for responses).  So:
 - ``Content-Length`` above that: streamed from the first byte (splice or copy);
 - unknown length (chunked, close-delimited): buffered up to that, then streamed with the
   buffered part sent first;
-- ``text/event-stream`` responses, and messages a script marked: always streamed.
+- ``text/event-stream`` responses, and messages a rule or script marked: always streamed.
 
 Framing towards the destination: chunked bodies stay chunked (each chunk's validated wire
 bytes kept) for peers that take chunked, and are de-chunked (Content-Length when buffered,
 until close when streamed) for HTTP/1.0 clients.  Transfer codings other than chunked (gzip)
 are kept: such a body always goes out chunked with ``Transfer-Encoding: gzip, chunked``, and
-an HTTP/1.0 client, which cannot take it, gets 502 rather than altered bytes.
+an HTTP/1.0 client, which cannot take it, gets 502 rather than altered bytes.  A streamed
+body that a transform rewrites goes out chunked (HTTP/1.1 peers) or until close (HTTP/1.0
+clients), every chunk-size line computed from what is actually sent, empty pieces skipped.
+A buffered body that a hook or rule changed gets its length recomputed.
 """
 
 from . import errors, relay
@@ -29,6 +33,26 @@ from .http1.events import RequestHead
 from .http1.writer import chunk
 
 INFINITY = float("inf")
+SCRIPT_CHUNK = 4096          # non-chunked bodies are offered to transforms in such pieces
+MAX_CHUNK_PIECE = 1 << 20    # a chunk larger than this is offered in pieces of this size
+
+
+class Plan:
+    """What rules and scripts asked for one body (the default asks for nothing)."""
+
+    __slots__ = ("force", "reason", "threshold", "transform", "legacy", "on_buffered")
+
+    def __init__(self, force=None, reason=None, threshold=None, transform=None, legacy=False,
+                 on_buffered=None):
+        self.force = force            # True: stream; False: buffer (up to limit); None: size
+        self.reason = reason          # (format, *args) for the decision log
+        self.threshold = threshold    # a rule's own threshold, or None
+        self.transform = transform    # chunks iterator -> output iterator, or None
+        self.legacy = legacy          # the transform takes (prefix, content, suffix) tuples
+        self.on_buffered = on_buffered   # called with the message once its body is buffered
+
+
+NO_PLAN = Plan()
 
 
 class Transfer:
@@ -36,17 +60,25 @@ class Transfer:
     to write the head, and the limits that apply to it."""
 
     __slots__ = ("src", "dst", "parser", "message", "is_request", "can_chunk", "send_head",
-                 "threshold", "threshold_text", "limit", "splice", "flow", "source_name")
+                 "threshold", "threshold_text", "limit", "splice", "flow", "source_name",
+                 "plan", "rest_unread", "meter")
 
     def __init__(self, src, dst, parser, message, is_request, can_chunk, send_head, threshold,
-                 limit, splice, flow, source_name):
+                 limit, splice, flow, source_name, plan=NO_PLAN, meter=None):
         self.src, self.dst, self.parser, self.message = src, dst, parser, message
         self.is_request, self.can_chunk, self.send_head = is_request, can_chunk, send_head
+        self.plan = plan
+        if plan.force is False:
+            threshold = INFINITY
+        elif plan.threshold is not None:
+            threshold = plan.threshold
         self.threshold = threshold
         self.threshold_text = ("body_size_limit %d" % limit if threshold is INFINITY
-                               else "stream_large_bodies %d" % threshold)
+                               else "a threshold of %d" % threshold)
         self.limit, self.splice, self.flow = limit, splice, flow
         self.source_name = source_name      # for error messages: "198.18.2.2:80"
+        self.rest_unread = False            # a transform ended early: the source has more
+        self.meter = meter                  # relay.Meter counting splice/copy bytes, or None
 
     def decided(self, action, reason):
         self.flow.decide("request" if self.is_request else "response", action, reason)
@@ -78,37 +110,55 @@ def forward(t, head_sent=False):
         send(Framing.NONE)
         expect_end(t)
         return Framing.NONE
-    reason = _stream_reason(message, head)
+    reason = _stream_reason(t, head)
     if framing is Framing.LENGTH:
         return _forward_length(t, send, reason)
     coded = framing is Framing.CLOSE and bool(transfer_codings(head))
-    if framing is Framing.CHUNKED or coded:
-        if not t.can_chunk and transfer_codings(head):
-            raise errors.BadUpstreamResponse("transfer coding %r cannot reach an HTTP/1.0 "
-                                             "client unaltered" % (
-                                                 head.headers.get(b"transfer-encoding"),))
+    if not t.can_chunk and (framing is Framing.CHUNKED or coded) and transfer_codings(head):
+        raise errors.BadUpstreamResponse("transfer coding %r cannot reach an HTTP/1.0 client "
+                                         "unaltered" % (head.headers.get(b"transfer-encoding"),))
     out = Framing.CHUNKED if (framing is Framing.CHUNKED or coded) and t.can_chunk \
         else Framing.CLOSE
     if reason is not None:
         t.decided("stream", reason)
-        send(out)
-        _stream_events(t, framing, out)
-        return out
+        return _stream(t, send, framing, out, [])
     cap = min(t.threshold, t.limit)
     pieces, end = _buffer(t, cap)
     if end is not None:
         t.decided("buffer", ("%s, %d bytes <= %s", framing.name.lower(), message.body_size,
                              t.threshold_text))
-        message.content = b"".join(p.data for p in pieces)
-        if out is Framing.CHUNKED:
-            send(Framing.CHUNKED, None, _wire(pieces, framing, out) + (
-                end.raw if framing is Framing.CHUNKED and end.raw else b"0\r\n\r\n"))
-            return Framing.CHUNKED
-        send(Framing.LENGTH, len(message.content), message.content)
-        return Framing.LENGTH
+        return _send_buffered(t, send, pieces, end, framing, out)
     if t.threshold is INFINITY:
         t.too_large("%s body over body_size_limit %d" % (framing.name.lower(), t.limit))
     t.decided("stream", ("%s, more than %d bytes", framing.name.lower(), cap))
+    return _stream(t, send, framing, out, pieces)
+
+
+def _send_buffered(t, send, pieces, end, framing, out):
+    message = t.message
+    message.set_buffered(b"".join(p.data for p in pieces))
+    if t.plan.on_buffered is not None:
+        t.plan.on_buffered(message)
+    content = message.content
+    trailers = framing is Framing.CHUNKED and len(end.trailers)
+    if out is Framing.CHUNKED and (not message.changed or trailers):
+        # unchanged: the chunks as received; changed but with trailers: one chunk + them
+        wire = chunk(content) if message.changed else _wire(pieces, framing, out)
+        send(Framing.CHUNKED, None, wire + (
+            end.raw if framing is Framing.CHUNKED and end.raw else b"0\r\n\r\n"))
+        return Framing.CHUNKED
+    send(Framing.LENGTH, len(content), content)
+    return Framing.LENGTH
+
+
+def _stream(t, send, framing, out, pieces):
+    """Stream the rest (after the ``pieces`` already buffered), through the transform if the
+    plan has one."""
+    if t.plan.transform is not None:
+        out = Framing.CHUNKED if t.can_chunk else Framing.CLOSE
+        send(out)
+        _stream_transformed(t, framing, out, pieces)
+        return out
     send(out, None, _wire(pieces, framing, out))
     _stream_events(t, framing, out)
     return out
@@ -127,27 +177,27 @@ def _forward_length(t, send, reason):
     message = t.message
     size = message.head.content_length
     if reason is None and size > t.threshold:
-        reason = ("Content-Length %d > stream_large_bodies %d", size, t.threshold)
+        reason = ("Content-Length %d > %s", size, t.threshold_text)
     if reason is None and size > t.limit and t.threshold is not INFINITY:
         reason = ("Content-Length %d > body_size_limit %d, too large to buffer", size, t.limit)
     if reason is not None:
         t.decided("stream", reason)
+        if t.plan.transform is not None:
+            return _stream(t, send, Framing.LENGTH, None, [])
         send(Framing.LENGTH, size)
         _stream_length(t)
         return Framing.LENGTH
     if size > t.limit:
         t.too_large("%s over body_size_limit %d" % (_describe(size), t.limit))
     t.decided("buffer", ("Content-Length %d <= %s", size, t.threshold_text))
-    pieces, _ = _buffer(t, INFINITY)
-    message.content = b"".join(p.data for p in pieces)
-    send(Framing.LENGTH, size, message.content)
-    return Framing.LENGTH
+    pieces, end = _buffer(t, INFINITY)
+    return _send_buffered(t, send, pieces, end, Framing.LENGTH, Framing.LENGTH)
 
 
-def _stream_reason(message, head):
-    if message.stream:
-        return ("stream set by a script",)
-    if not isinstance(head, RequestHead):
+def _stream_reason(t, head):
+    if t.plan.force is True:
+        return t.plan.reason or ("stream set by a rule or script",)
+    if t.plan.force is None and not isinstance(head, RequestHead):
         ctype = head.headers.get(b"content-type", b"")
         if ctype.split(b";", 1)[0].strip().lower() == b"text/event-stream":
             return ("text/event-stream",)
@@ -226,10 +276,10 @@ def _relay(t, count):
     if t.splice:
         pipe = relay.take_pipe()
         try:
-            return relay.splice(t.src, t.dst, pipe, count)
+            return relay.splice(t.src, t.dst, pipe, count, t.meter)
         finally:
             relay.give_pipe(pipe)
-    return relay.copy(t.src, t.dst, bytearray(relay.COPY_SIZE), count)
+    return relay.copy(t.src, t.dst, bytearray(relay.COPY_SIZE), count, t.meter)
 
 
 def _stream_events(t, framing, out):
@@ -277,3 +327,87 @@ def _stream_until_close(t):
     t.message.body_size += _relay(t, None)
     t.parser.receive_data(b"")
     expect_end(t)
+
+
+# --- streaming through a transform ---------------------------------------------------------
+
+class _Source:
+    """The body as the transform's input: pieces of at most SCRIPT_CHUNK bytes for bodies
+    that are not chunked, one upstream chunk at a time for chunked ones (``(prefix, content,
+    suffix)`` tuples for legacy transforms).  Flushes pending output before each read."""
+
+    def __init__(self, t, framing, held, flush):
+        self.t, self.framing, self.held, self.flush = t, framing, held, flush
+        self.end = None            # the EndOfMessage once the source is exhausted
+
+    def __iter__(self):
+        legacy = self.t.plan.legacy
+        for prefix, data, suffix in self._pieces():
+            if legacy:
+                yield (prefix, data, suffix)
+            else:
+                yield data
+
+    def _events(self):
+        yield from self.held
+        while True:
+            event = next_event(self.t, self.flush)
+            if type(event) is not Data:
+                self.end = event
+                return
+            yield event
+
+    def _pieces(self):
+        message = self.t.message
+        if self.framing is not Framing.CHUNKED:
+            for event in self._events():
+                message.body_size += len(event.data)
+                data = event.data
+                for i in range(0, len(data), SCRIPT_CHUNK):
+                    yield b"", data[i:i + SCRIPT_CHUNK], b""
+            return
+        prefix, parts, size = b"", [], 0
+        for event in self._events():
+            message.body_size += len(event.data)
+            if event.prefix:
+                prefix, parts, size = event.prefix, [], 0
+            parts.append(event.data)
+            size += len(event.data)
+            if event.suffix or size >= MAX_CHUNK_PIECE:
+                data = b"".join(parts)
+                if not event.suffix or len(data) != int(prefix.split(b";")[0], 16):
+                    prefix = b"%x\r\n" % len(data)      # a piece of a chunk: its own prefix
+                yield prefix, data, b"\r\n"
+                prefix, parts, size = b"", [], 0
+
+
+def _stream_transformed(t, framing, out, held):
+    """Every output piece of the transform, framed by Sluice: chunked (a size line computed
+    from the piece) or raw until close.  If the transform stops before its input is
+    exhausted, the rest of the source is left unread (``t.rest_unread``)."""
+    message = t.message
+    message.streamed = True
+    message.body_size = 0        # the source counts every piece, the held ones included
+    dst = t.dst
+    chunked = out is Framing.CHUNKED
+    pending = []
+
+    def flush():
+        if pending:
+            dst.sendall(b"".join(pending))
+            del pending[:]
+    source = _Source(t, framing, held, flush)
+    for piece in t.plan.transform(iter(source)):
+        if piece:
+            pending.append(chunk(piece) if chunked else piece)
+            if len(pending) >= 64:
+                flush()
+    if source.end is None:
+        t.rest_unread = True
+    else:
+        message.trailers = source.end.trailers
+    if chunked:
+        end = source.end
+        pending.append(end.raw if end is not None and framing is Framing.CHUNKED and end.raw
+                       else b"0\r\n\r\n")
+    flush()

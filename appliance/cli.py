@@ -11,7 +11,7 @@ import sys
 
 import yaml
 
-from . import __version__, config, flowsview
+from . import __version__, config, flowsview, policy, rulestest
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -32,10 +32,22 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, text in (("run", "run the proxy in the foreground, logging to stderr"),
-                       ("check", "validate the configuration (exit 2 on errors)"),
+                       ("check", "validate the configuration, rules and scripts (exit 2 on "
+                                 "errors)"),
                        ("config", "print the effective configuration as YAML")):
-        _common(sub.add_parser(name, help=text, description=text))
+        command = sub.add_parser(name, help=text, description=text)
+        _common(command)
+        if name in ("run", "check"):
+            command.add_argument("-s", "--script", dest="scripts", action="append", default=[],
+                                 metavar="FILE", help="load a script (repeatable), as "
+                                                      "mitmdump -s")
     sub.add_parser("version", help="print the version")
+    text = "rules: try what the rules decide for a URL before a reload"
+    rules = sub.add_parser("rules", help=text, description=text)
+    rules_actions = rules.add_subparsers(dest="action", metavar="ACTION")
+    rules_actions.required = True
+    rulestest.add_arguments(rules_actions.add_parser(
+        "test", help="which rules match URL and what Sluice would decide"), _common)
     text = "list, filter, follow or export (HAR, pcap) the recorded flows"
     flowsview.add_arguments(sub.add_parser("flows", help=text, description=text))
     _iptables_parser(sub)
@@ -58,11 +70,20 @@ def _iptables_parser(sub):
                                 default="commands", help="default: commands")
 
 
-def load_config(args):
+def _overrides(args):
     overrides = list(args.overrides)
     if args.stream is not None:
         overrides.append("stream_large_bodies=%s" % args.stream)
-    return config.load(args.config, overrides=overrides)
+    return overrides
+
+
+def load_config(args):
+    return config.load(args.config, overrides=_overrides(args))
+
+
+def load_policy(args):
+    """The whole policy: config, rules (inline and rules_dir) and scripts (config and -s)."""
+    return policy.load(args.config, _overrides(args), getattr(args, "scripts", ()))
 
 
 def main(argv=None):
@@ -73,21 +94,29 @@ def main(argv=None):
     if args.command == "flows":
         return flowsview.run(args)
     try:
-        cfg = load_config(args)
+        if args.command in ("run", "check", "rules"):
+            loaded = load_policy(args)
+            cfg = loaded.cfg
+        else:
+            cfg = load_config(args)
     except config.ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
-        print("%s: ok" % (args.config or "<default>"))
+        print("%s: ok (%d rules, %d scripts)" % (args.config or "<default>",
+                                                  len(loaded.rules.rules),
+                                                  len(loaded.hooks.scripts)))
         return EXIT_OK
+    if args.command == "rules":
+        return rulestest.run(args, loaded)
     if args.command == "config":
         yaml.safe_dump(_plain(config.to_plain(cfg)), sys.stdout, sort_keys=False)
         return EXIT_OK
     if args.command == "iptables":
         return _iptables(args, cfg)
     from . import server
-    return server.run(cfg)
+    return server.run(loaded, lambda: load_policy(args))
 
 
 def _iptables(args, cfg):

@@ -38,6 +38,9 @@ class _Invalid(Exception):
     """A value that does not fit its option; the loader adds file, line and key."""
 
 
+InvalidValue = _Invalid      # for the rules module, which shares parse_size
+
+
 # --- value converters, one per kind ------------------------------------------------------
 
 def parse_size(value):
@@ -130,20 +133,6 @@ def _str_list(value):
     return tuple(_parse_str(item) for item in value)
 
 
-def _no_crlf_tree(value):
-    """Rules are compiled by the rules module; here only no CR/LF/NUL may hide in them."""
-    if isinstance(value, str):
-        _parse_str(value)
-    elif isinstance(value, list):
-        for item in value:
-            _no_crlf_tree(item)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _no_crlf_tree(key)
-            _no_crlf_tree(item)
-    return value
-
-
 def _port_list(value):
     if not isinstance(value, list):
         raise _Invalid("expected a list of TCP ports, got %r" % (value,))
@@ -188,9 +177,11 @@ def _user_name(value):
 
 
 def _rules(value):
+    """Only the shape here; ``rules.py`` compiles and checks each rule (header values
+    without CR/LF among them) and ``policy.py`` reports its faults with their lines."""
     if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
         raise _Invalid("expected a list of rule mappings")
-    return tuple(_no_crlf_tree(value))
+    return tuple(value)
 
 
 def _opt(default, parse, doc):
@@ -318,8 +309,11 @@ class Config:
     relay: str = _opt("splice", _choice(RELAYS), "streamed bodies: splice (zero-copy) | copy")
     timeouts: Timeouts = _section(Timeouts, "timeouts")
     limits: Limits = _section(Limits, "limits")
-    rules: tuple = _opt((), _rules, "rules, first match wins")
-    rules_dir: typing.Optional[str] = _opt(None, _optional(_parse_str), "more rule files")
+    rules: tuple = _opt((), _rules, "rules: for each kind of action the first match decides")
+    rules_dir: typing.Optional[str] = _opt(None, _optional(_parse_str),
+                                           "a directory of further rule files (*.yaml)")
+    ignore_hosts: tuple = _opt((), _str_list, "mitmproxy's option: regexes on host:port "
+                                              "that are passed through untouched")
     scripts: tuple = _opt((), _str_list, "mitmproxy-compatible scripts")
     record: Record = _section(Record, "flow recording")
     admin: Admin = _section(Admin, "admin endpoint")
@@ -430,31 +424,46 @@ def _parse_override(text):
     return tuple(name.strip().split(".")), value
 
 
-def load(path=None, text=None, overrides=()):
-    """Return the effective ``Config``: the file (or the embedded default), then overrides.
-
-    Raises ``ConfigError`` with every problem found, each as ``FILE:LINE: key: message``.
-    """
+def read_yaml(path=None, text=None):
+    """(plain tree, {path tuple: line}) of a YAML file or text; ``ConfigError`` naming the
+    file and line when it cannot be read or parsed."""
     source = path or "<default>"
     lines = {}
-    tree = {}
     if path is not None and text is None:
         try:
             with open(path, encoding="utf-8") as handle:
                 text = handle.read()
         except OSError as exc:
             raise ConfigError(["%s: cannot read: %s" % (path, exc.strerror)]) from exc
-    if text is not None:
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            tree = _to_python(node, (), lines) if node is not None else {}
-        except _Duplicate as exc:
-            raise ConfigError(["%s:%d: %s: duplicate key" % (source, exc.line, exc.key)]) from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = ":%d" % (mark.line + 1) if mark is not None else ""
-            raise ConfigError(["%s%s: invalid YAML: %s" % (
-                source, line, getattr(exc, "problem", None) or exc)]) from None
+    if text is None:
+        return {}, lines
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        return (_to_python(node, (), lines) if node is not None else None), lines
+    except _Duplicate as exc:
+        raise ConfigError(["%s:%d: %s: duplicate key" % (source, exc.line, exc.key)]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = ":%d" % (mark.line + 1) if mark is not None else ""
+        raise ConfigError(["%s%s: invalid YAML: %s" % (
+            source, line, getattr(exc, "problem", None) or exc)]) from None
+
+
+def load(path=None, text=None, overrides=()):
+    """Return the effective ``Config``: the file (or the embedded default), then overrides.
+
+    Raises ``ConfigError`` with every problem found, each as ``FILE:LINE: key: message``.
+    """
+    return load_with_lines(path, text, overrides)[0]
+
+
+def load_with_lines(path=None, text=None, overrides=()):
+    """(``Config``, where) where ``where(path tuple)`` says ``FILE:LINE`` (or ``--set``) for
+    a value of the file, so that later checks (rules) can name it."""
+    source = path or "<default>"
+    tree, lines = read_yaml(path, text)
+    if tree is None:
+        tree = {}
     override_paths = set()
     for item in overrides:
         opath, value = _parse_override(item)
@@ -475,7 +484,7 @@ def load(path=None, text=None, overrides=()):
             builder.problem(("intercept",) + ((key,) if key else ()), message)
     if builder.problems:
         raise ConfigError(builder.problems)
-    return config
+    return config, builder.where
 
 
 def _check_together(config, builder):
@@ -484,6 +493,8 @@ def _check_together(config, builder):
     if segment is not None and segment > config.record.max_bytes:
         builder.problem(("record", "segment_bytes"), "%d is more than record.max_bytes (%d)"
                         % (segment, config.record.max_bytes))
+
+
 def intercept_listener(config):
     """The ``listen`` entry that ``intercept.method`` sends traffic to: the first one of the
     matching mode (transparent for redirect, tproxy for tproxy), or None."""

@@ -13,18 +13,23 @@ its framing (Content-Length, chunked) shows the body is short, with a reset (RST
 close-delimited and a FIN would make it look complete.
 """
 
+import http
 import logging
 import time
 
 import gevent
 
-from . import body, errors, heads, relay, upstream
+from . import body, errors, heads, relay, tls, upstream
 from .flow import Flow, Request, Response
 from .http1 import NEED_DATA, ConnectionClosed, Framing, RequestParser, ResponseParser
+from .http1.events import Headers, ResponseHead
+from .policy import request_facts
+from .rules import Facts
 from .tunnel import Tunnel
 
 log = logging.getLogger("sluice")
 
+TLS = object()            # _read_request_head's answer for a TLS ClientHello
 EXPECT_WAIT = 1.0         # seconds to wait for the origin's 100 Continue (curl waits 1 s too)
 LINGER_SECONDS = 2.0      # reading what a client still sends after its last answer
 LINGER_BYTES = 64 << 20
@@ -32,23 +37,28 @@ INFINITY = body.INFINITY
 
 
 class Context:
-    """What every connection shares: the config and facts about this box."""
+    """What every connection shares: the current policy (swapped whole on reload) and facts
+    about this box."""
 
-    def __init__(self, cfg, own_addresses, own_ports):
-        self.cfg = cfg
+    def __init__(self, policy, own_addresses, own_ports):
+        self.policy = policy
         self.own_addresses = own_addresses
         self.own_ports = own_ports
         self.draining = False
         self.connections = set()
+
+    @property
+    def cfg(self):
+        return self.policy.cfg
 
 
 class ClientConnection:
     """Serves one accepted client socket until it closes."""
 
     def __init__(self, sock, address, listen, ctx):
-        cfg = ctx.cfg
         self.ctx = ctx
-        self.cfg = cfg
+        self._take_policy()
+        cfg = self.cfg
         self.listen = listen
         self.client_addr = (upstream.normalize_ip(address[0]), address[1])
         self.client = relay.Peer(sock, "client %s:%d" % self.client_addr, cfg.timeouts.idle)
@@ -68,12 +78,20 @@ class ClientConnection:
         self.early = None             # a final response head that came before the body went
         self.abort = False            # end the client connection with a reset
         self.idle = False             # waiting for the first byte of a request
+        self.hello = b""              # the first bytes, when they start a TLS ClientHello
+
+    def _take_policy(self):
+        """The policy snapshot for what starts now (the connection, then each exchange)."""
+        self.policy = policy = self.ctx.policy
+        self.cfg = cfg = policy.cfg
         self.threshold = INFINITY if cfg.stream_large_bodies is None else cfg.stream_large_bodies
         self.via = None if cfg.via is None else cfg.via.encode()
-        mode = cfg.forwarded
+
+    def _forwarded(self):
+        mode = self.cfg.forwarded
         if mode == "auto":
-            mode = "xff" if listen.mode == "regular" else "none"
-        self.forwarded = heads.forwarded_field(mode, self.client_addr[0])
+            mode = "xff" if self.listen.mode == "regular" else "none"
+        return heads.forwarded_field(mode, self.client_addr[0])
 
     # --- the one place that maps exceptions to answers ----------------------------------
 
@@ -81,7 +99,8 @@ class ClientConnection:
         self.greenlet = gevent.getcurrent()
         self.ctx.connections.add(self)
         try:
-            self._serve()
+            if not self._accept_passthrough():
+                self._serve()
         except errors.SluiceError as exc:
             self._fail(exc.status, str(exc))
         except relay.IdleTimeout as exc:
@@ -106,7 +125,8 @@ class ClientConnection:
         """Log one line and answer ``status`` if no response byte went out yet; a response
         already under way is cut (see the module's docstring)."""
         if self.flow is not None:
-            self.flow.error = message
+            self.flow.fail(message)
+            self.policy.error(self.flow)
         if not logged:
             self._log_error(message if status is None else "%d %s" % (status, message))
         if self.responded:
@@ -120,7 +140,7 @@ class ClientConnection:
             pass
 
     def _log_error(self, message):
-        log.warning("%s %s:%d -> %s: %s", "flow %d" % self.flow.id if self.flow else "conn",
+        log.warning("%s %s:%d -> %s: %s", "flow %s" % self.flow.id if self.flow else "conn",
                     self.client_addr[0], self.client_addr[1], self._dst_text(), message)
 
     def _dst_text(self):
@@ -148,7 +168,11 @@ class ClientConnection:
             head = self._read_request_head(first)
             if head is None:
                 return
+            if head is TLS:
+                self._tls()
+                return
             first = False
+            self._take_policy()
             self.flow = Flow(self.client_addr, self.original_dst or ("-", 0), self.listen.mode)
             if self.via is not None and heads.via_loop(head, self.via):
                 raise errors.LoopDetected("the request already went through %s (Via loop)" % (
@@ -178,6 +202,9 @@ class ClientConnection:
                 data = self._first_byte(deadline)
                 if not data:
                     return None
+                if first and self.original_dst is not None and tls.looks_like_tls(data[:3]):
+                    self.hello = data
+                    return TLS
             else:
                 if deadline is None:
                     deadline = time.monotonic() + self.cfg.timeouts.header
@@ -271,38 +298,73 @@ class ClientConnection:
 
     def _exchange(self, head, dst):
         """Forward one request and its response; True if the client connection goes on."""
-        flow = self.flow
-        request = flow.request = Request(head)
+        flow, policy = self.flow, self.policy
+        request = flow.request = Request(head, flow, heads.authority(*dst).decode("latin-1"))
+        facts = None if policy.rules.empty else request_facts(self.client_addr, dst, head)
+        decision = policy.request(flow, facts)
+        if decision.get("passthrough"):
+            self._passthrough_after_head(dst, decision.rule("passthrough"))
+            return False
+        respond = decision.get("respond")
+        if respond is not None:
+            return self._respond(respond, head, decision.rule("respond"))
         self._ensure_upstream(dst)
         self.server_reusable = False
         self.rparser.expect(head.method)
         self.early = None
-        upload = self._upload(request)
+        upload = self._upload(request, policy.plan(flow, request, decision, "request"))
         if head.expect_continue and head.framing is not Framing.NONE:
             self._send_request_head(head, head.framing, head.content_length)
             self.early = self._await_continue()
             complete = self.early is None and self._send_request(upload, head_sent=True)
         else:
             complete = self._send_request(upload, head_sent=False)
+        complete = complete and not upload.rest_unread
         flow.mark("request_sent")
+        policy.after_streamed(flow, request, "request")
         response_head = self.early or self._read_response_head()
-        response = flow.response = Response(response_head)
+        response = flow.response = Response(response_head, flow)
         if response_head.status == 101 and heads.websocket_upgrade(head):
             self._send_response_head(response_head, heads.response_fields(
                 response_head, head.version, self.via, upgrade=True))
             self._tunnel_upgraded()
             return False
+        if facts is not None:
+            facts.content_type = _media_type(response_head)
+        plan = policy.plan(flow, response, policy.response(flow, facts), "response")
         keep_client = head.keep_alive and complete and not self.ctx.draining
-        out_framing = body.forward(self._download(response, keep_client))
+        download = self._download(response, keep_client, plan)
+        out_framing = body.forward(download)
         flow.mark("response_sent")
+        policy.after_streamed(flow, response, "response")
         # Bytes after a complete response were never asked for: reusing the connection
         # would serve them as the answer to the next request (response queue poisoning).
-        self.server_reusable = (response_head.keep_alive and complete
+        self.server_reusable = (response_head.keep_alive and complete and not download.rest_unread
                                 and not self.rparser.buffered)
         if self.server_reusable:
             self.rparser.start_next()
         self._log_flow(head, response_head)
         return keep_client and out_framing is not Framing.CLOSE
+
+    def _respond(self, respond, head, rule):
+        """A ``respond`` rule: Sluice answers itself; the origin is not contacted."""
+        flow = self.flow
+        keep = head.keep_alive and head.framing is Framing.NONE and not self.ctx.draining
+        if head.framing is Framing.NONE:
+            self.parser.next_event()          # the (empty) body's end: the next head follows
+        fields = list(respond.headers) + [(b"Content-Length", b"%d" % len(respond.body))]
+        if not keep:
+            fields.append((b"Connection", b"close"))
+        status = respond.status
+        reason = heads.REASONS.get(status) or _phrase(status)
+        response_head = ResponseHead(b"1.1", status, reason.encode(), Headers(fields))
+        flow.response = Response(response_head, flow)
+        flow.response.set_buffered(respond.body)
+        self.out_framing = Framing.LENGTH
+        self._send_response_head(response_head, fields, respond.body)
+        flow.decide("response", "respond", ("rule %s", rule))
+        self._log_flow(head, response_head)
+        return keep
 
     def _send_request(self, upload, head_sent):
         """Send the request (head and body) while watching the origin; True if the whole
@@ -398,7 +460,7 @@ class ClientConnection:
 
     def _send_request_head(self, head, framing, length=None, extra=b""):
         host = None if b"host" in head.headers else heads.authority(*self.server_dst)
-        fields = heads.request_fields(head, self.via, self.forwarded, host)
+        fields = heads.request_fields(head, self.via, self._forwarded(), host)
         data = heads.request_bytes(head, heads.framing_fields(fields, head, framing, length))
         self.server.sendall(data + extra if extra else data)
 
@@ -421,42 +483,101 @@ class ClientConnection:
 
     # --- bodies ------------------------------------------------------------------------
 
-    def _upload(self, request):
+    def _upload(self, request, plan):
         return body.Transfer(
             self.client, self.server, self.parser, request, True, True,
             lambda framing, length=None, extra=b"": self._send_request_head(
                 request.head, framing, length, extra),
             self.threshold, self.cfg.body_size_limit, self.cfg.relay == "splice", self.flow,
-            self._dst_text())
+            self._dst_text(), plan)
 
-    def _download(self, response, keep_client):
+    def _download(self, response, keep_client, plan):
         return body.Transfer(
             self.server, self.client, self.rparser, response, False,
             self.flow.request.head.version == b"1.1",
             self._response_head_sender(response.head, keep_client),
             self.threshold, self.cfg.body_size_limit, self.cfg.relay == "splice", self.flow,
-            self._dst_text())
+            self._dst_text(), plan)
 
     # --- tunnels -----------------------------------------------------------------------
 
+    def _accept_passthrough(self):
+        """A passthrough rule decided by client, destination and port alone applies before a
+        byte is read, so protocols where the server speaks first (SMTP, SSH) pass too."""
+        if self.original_dst is None or self.policy.rules.empty:
+            return False
+        facts = Facts(self.client_addr[0], self.original_dst[0], self.original_dst[1])
+        decision = self.policy.rules.decide("accept", facts)
+        if not decision.get("passthrough"):
+            return False
+        self.flow = Flow(self.client_addr, self.original_dst, self.listen.mode)
+        self.flow.rules.extend(decision.names())
+        self.responded = True            # not HTTP: no error response, ever
+        self._ensure_upstream(self.original_dst)
+        self._tunnel(b"", b"", "passthrough")
+        return True
+
+    def _tls(self):
+        """TLS on an intercepting listener: read the ClientHello (bounded by the header
+        timeout), match the rules on its SNI, then relay the connection untouched, the bytes
+        read so far first, exactly; a ``respond`` rule blocks it (the connection is closed)."""
+        self.responded = True            # not HTTP: no error response, ever
+        dst = self.original_dst
+        flow = self.flow = Flow(self.client_addr, dst, self.listen.mode)
+        reader = tls.ClientHelloReader()
+        reader.receive_data(self.hello)
+        deadline = time.monotonic() + self.cfg.timeouts.header
+        try:
+            while (hello := reader.result()) is tls.NEED_DATA:
+                reader.receive_data(self._head_bytes(deadline))
+        except (tls.TLSError, errors.ClientTimeout) as exc:
+            self._log_error("not a TLS ClientHello Sluice can read: %s" % exc)
+            return
+        flow.sni = hello.sni
+        decision = self.policy.rules.decide("tls", Facts(
+            self.client_addr[0], dst[0], dst[1], host=hello.sni))
+        flow.rules.extend(decision.names())
+        if decision.get("respond") is not None:
+            log.info("flow %s tls %s:%d -> %s sni %s: blocked (rule %s)", flow.id,
+                     self.client_addr[0], self.client_addr[1], self._dst_text(), hello.sni,
+                     decision.rule("respond"))
+            flow.decide("request", "block", ("rule %s", decision.rule("respond")))
+            return
+        self._ensure_upstream(dst)
+        self._tunnel(reader.raw, b"", "tls (sni %s)" % hello.sni)
+
+    def _passthrough_after_head(self, dst, rule):
+        """A passthrough rule that needed the request head: the head goes out exactly as
+        received, then bytes both ways, no more parsing."""
+        self._ensure_upstream(dst)
+        raw = self.parser.last_head + self.parser.take_buffered()
+        self.responded = True
+        self._tunnel(raw, b"", "passthrough")
+
     def _tunnel_connect(self, head, dst):
         """CONNECT (regular mode): a byte tunnel after ``200 Connection established``."""
-        self.flow.request = Request(head)
+        self.flow.request = Request(head, self.flow)
         self._ensure_upstream(dst)
         self.client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         self.responded = True
-        self._tunnel(self.parser.take_buffered(), b"")
+        self._tunnel(self.parser.take_buffered(), b"", "tunnel")
 
     def _tunnel_upgraded(self):
-        self._tunnel(self.parser.take_buffered(), self.rparser.take_buffered())
+        self._tunnel(self.parser.take_buffered(), self.rparser.take_buffered(), "upgrade")
 
-    def _tunnel(self, to_server, to_client):
-        log.info("flow %d tunnel %s:%d <-> %s", self.flow.id, self.client_addr[0],
-                 self.client_addr[1], self._dst_text())
-        tunnel = Tunnel(self.client, self.server, self.cfg.timeouts.idle)
-        tunnel.run(to_server, to_client)
+    def _tunnel(self, to_server, to_client, kind):
+        tunnel = Tunnel(self.client, self.server, self.cfg.timeouts.idle,
+                        splice=self.cfg.relay == "splice")
+        try:
+            tunnel.run(to_server, to_client)
+        finally:
+            self.flow.tunnel = tunnel
+            log.info("flow %s %s %s:%d <-> %s%s: %d B up, %d B down", self.flow.id, kind,
+                     self.client_addr[0], self.client_addr[1], self._dst_text(),
+                     " (rule %s)" % ", ".join(self.flow.rules) if self.flow.rules else "",
+                     tunnel.up.bytes, tunnel.down.bytes)
         if tunnel.error is not None:
-            self._log_error("tunnel closed: %s" % tunnel.error)
+            self._log_error("%s closed: %s" % (kind, tunnel.error))
             self.abort = isinstance(tunnel.error, relay.PeerGone)   # mirror a reset
 
     # --- logging -----------------------------------------------------------------------
@@ -465,10 +586,26 @@ class ClientConnection:
         if not log.isEnabledFor(logging.INFO):
             return
         flow = self.flow
-        log.info("flow %d %s:%d %s %s%s -> %d %s | %s | req %d B, resp %d B", flow.id,
+        log.info("flow %s %s:%d %s %s%s -> %d %s | %s%s | req %d B, resp %d B", flow.id,
                  self.client_addr[0], self.client_addr[1],
                  request_head.method.decode("latin-1"),
                  self._dst_text(), request_head.target.decode("latin-1"),
                  response_head.status, response_head.reason.decode("latin-1"),
                  flow.decisions_text() or "no bodies",
+                 " | rules: %s" % ", ".join(flow.rules) if flow.rules else "",
                  flow.request.body_size, flow.response.body_size)
+
+
+def _media_type(head):
+    """The media type of a head's Content-Type, lowercase, without parameters."""
+    value = head.headers.get(b"content-type")
+    if value is None:
+        return None
+    return value.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+
+def _phrase(status):
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"

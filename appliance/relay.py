@@ -239,6 +239,21 @@ class Peer:
             pass
 
 
+class Meter:
+    """Bytes moved by a relay and when they last moved (for tunnels' idle rule, flows and
+    metrics)."""
+
+    __slots__ = ("bytes", "last")
+
+    def __init__(self):
+        self.bytes = 0
+        self.last = time.monotonic()
+
+    def add(self, n):
+        self.bytes += n
+        self.last = time.monotonic()
+
+
 class Pipe:
     """A kernel pipe for splice, made large once; ``held`` counts the bytes in it."""
 
@@ -272,9 +287,10 @@ def give_pipe(pipe):
         _pipes.append(pipe)
 
 
-def splice(src, dst, pipe, count=None):
+def splice(src, dst, pipe, count=None, meter=None):
     """Move ``count`` bytes (or until EOF when None) from ``src`` to ``dst`` through
-    ``pipe``.  Returns the bytes moved; raises ``PeerGone(src)`` on an early EOF."""
+    ``pipe``.  Returns the bytes moved; raises ``PeerGone(src)`` on an early EOF.  A
+    ``meter`` (Meter) counts the bytes as they go."""
     moved = 0
     read_flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
     drained = False      # the last read took less than asked: the socket is likely empty
@@ -308,10 +324,12 @@ def splice(src, dst, pipe, count=None):
                     raise PeerGone(dst, exc.strerror) from exc
                 raise
         moved += n
+        if meter is not None:
+            meter.add(n)
     return moved
 
 
-def copy(src, dst, buf, count=None):
+def copy(src, dst, buf, count=None, meter=None):
     """Like ``splice`` but through a reused user-space buffer (``bytearray``)."""
     moved = 0
     view = memoryview(buf)
@@ -324,4 +342,6 @@ def copy(src, dst, buf, count=None):
             raise PeerGone(src, "closed with %d of %d body bytes sent" % (moved, count))
         dst.sendall(view[:n])
         moved += n
+        if meter is not None:
+            meter.add(n)
     return moved

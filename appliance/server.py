@@ -27,6 +27,7 @@ from gevent.server import StreamServer
 
 from . import __version__, sdnotify, upstream
 from .connection import ClientConnection, Context
+from .errors import ConfigError
 
 log = logging.getLogger("sluice")
 BACKLOG = 1024
@@ -61,15 +62,22 @@ def make_listener(listen):
     return sock
 
 
+# Options a reload cannot change in a running process (listening sockets, pool, processes).
+RESTART_ONLY = ("listen", "workers", "limits.max_connections", "record", "admin",
+                "access_log")
+
+
 class Proxy:
     """All listeners of one process, sharing a pool and a context."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.ctx = Context(cfg, upstream.local_addresses(), {l.port for l in cfg.listen})
+    def __init__(self, policy, loader=None):
+        self.cfg = cfg = policy.cfg
+        self.loader = loader         # () -> a new Policy, re-reading every file (SIGHUP)
+        self.ctx = Context(policy, upstream.local_addresses(), {l.port for l in cfg.listen})
         self.pool = Pool(cfg.limits.max_connections)
         self.servers = []
         self.served = 0     # connections handled to the end, for STATUS=
+        self.reloads = 0
 
     def start(self):
         for listen in self.cfg.listen:
@@ -93,9 +101,32 @@ class Proxy:
         return len(self.pool), self.served
 
     def reload(self):
-        """SIGHUP, between RELOADING=1 and READY=1.  Re-reading config, rules and scripts is
-        the rules issue's work; for now this only logs."""
-        log.info("SIGHUP: reload requested (nothing to reload yet)")
+        """SIGHUP, between RELOADING=1 and READY=1: re-read config, rules and scripts into a
+        new policy and swap it in whole.  New exchanges use it; exchanges in flight keep the
+        one they started with.  A broken file keeps the old policy (each problem logged as
+        FILE:LINE).  Returns True if the new policy is in place."""
+        if self.loader is None:
+            log.info("SIGHUP: no configuration to re-read")
+            return False
+        try:
+            policy = self.loader()
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload: %s", problem)
+            log.error("reload failed: keeping the policy loaded before")
+            return False
+        old = self.ctx.cfg
+        for name in RESTART_ONLY:
+            if _option(old, name) != _option(policy.cfg, name):
+                log.warning("reload: %s changed; it takes effect at the next restart", name)
+        if not policy.hooks.empty:
+            cooperative_stdlib()
+        logging.getLogger().setLevel(policy.cfg.log_level.upper())
+        self.ctx.policy = policy
+        self.reloads += 1
+        log.info("reloaded: %d rules, %d scripts", len(policy.rules.rules),
+                 len(policy.hooks.scripts))
+        return True
 
     def drain(self):
         """Stop accepting at once; let exchanges in flight finish within timeouts.drain."""
@@ -105,19 +136,39 @@ class Proxy:
         for conn in list(self.ctx.connections):
             if conn.idle:
                 conn.greenlet.kill(block=False)
-        if not self.pool.join(timeout=self.cfg.timeouts.drain):
+        drain = self.ctx.cfg.timeouts.drain
+        if not self.pool.join(timeout=drain):
             log.warning("drain: %d connections still open after %gs, closing them",
-                        len(self.pool), self.cfg.timeouts.drain)
+                        len(self.pool), drain)
             self.pool.kill(timeout=1)
 
 
-def run(cfg):
-    """``sluice run``: serve until SIGTERM/SIGINT, then drain; returns the exit code."""
+def _option(cfg, dotted):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def cooperative_stdlib():
+    """Scripts' own network I/O and sleeps wait without stalling other connections: the
+    standard library's sockets, DNS and time.sleep become gevent's (idempotent)."""
+    from gevent import monkey
+    monkey.patch_socket()
+    monkey.patch_dns()
+    monkey.patch_time()
+
+
+def run(policy, loader=None):
+    """``sluice run``: serve until SIGTERM/SIGINT, then drain; returns the exit code.
+    ``loader`` re-reads the configuration on SIGHUP."""
+    cfg = policy.cfg
     setup_logging(cfg.log_level)
-    return serve(cfg) if cfg.workers == 1 else _supervise(cfg)
+    return serve(policy, loader) if cfg.workers == 1 else _supervise(policy, loader)
 
 
-def _supervise(cfg):
+def _supervise(policy, loader):
+    cfg = policy.cfg
     """Fork ``cfg.workers`` workers (before any gevent loop exists here), forward
     SIGTERM/SIGINT/SIGHUP to them, speak to systemd for them all (``sdnotify.Workers``), and
     wait.  Exit 0 only if every worker did."""
@@ -133,7 +184,7 @@ def _supervise(cfg):
             setup_logging(cfg.log_level, worker)
             code = 1
             try:
-                code = serve(cfg, sdnotify.WorkerChannel(
+                code = serve(policy, loader, sdnotify.WorkerChannel(
                     worker_end, worker, sdnotify.report_interval(board.watchdog)))
             finally:
                 logging.shutdown()
@@ -213,12 +264,15 @@ def _die_with_parent():
         log.warning("cannot set PR_SET_PDEATHSIG: a worker may outlive a killed supervisor")
 
 
-def serve(cfg, channel=None):
+def serve(policy, loader=None, channel=None):
     """One process's proxy: listen, serve until SIGTERM/SIGINT, drain.  It tells systemd
     how it goes (``$NOTIFY_SOCKET``), or, as a worker, the supervisor (``channel``)."""
+    cfg = policy.cfg
+    if not policy.hooks.empty:
+        cooperative_stdlib()
     notifier = channel or sdnotify.Notifier.from_environ()
     watchdog = None if channel else sdnotify.watchdog_interval()
-    proxy = Proxy(cfg)
+    proxy = Proxy(policy, loader)
     try:
         proxy.start()
     except OSError as exc:
@@ -239,7 +293,7 @@ def serve(cfg, channel=None):
     stop.wait()
     notifier.stopping()
     reporter.kill()
-    log.info("stopping: listeners closed, draining for up to %gs", cfg.timeouts.drain)
+    log.info("stopping: listeners closed, draining for up to %gs", proxy.ctx.cfg.timeouts.drain)
     proxy.drain()
     log.info("stopped")
     return 0

@@ -1,9 +1,11 @@
-"""Bytes both ways between two peers: CONNECT tunnels and upgraded connections.
+"""Bytes both ways between two peers: CONNECT tunnels, passthrough and upgraded connections.
 
 Owns: the two pumps of a tunnel (one greenlet per direction, each reading only its source
-and writing only its destination), half-close propagation and the tunnel's idle rule (closed
-after ``idle`` seconds with no progress in either direction).  Must not touch: HTTP; the
-caller has already answered the CONNECT or forwarded the 101.
+and writing only its destination, each with its own pipe: splice, or a copy buffer), half-
+close propagation, byte counts per direction, and the tunnel's idle rule: closed after
+``idle`` seconds with no progress in either direction (a quiet direction waits as long as the
+other one moves).  Must not touch: HTTP; the caller has answered the CONNECT, forwarded the
+101 or decided to pass the connection through.
 """
 
 import time
@@ -16,44 +18,54 @@ from . import relay
 class Tunnel:
     """One tunnel between ``client`` and ``server``; ``run()`` returns when it is over."""
 
-    def __init__(self, client, server, idle):
-        self.client, self.server, self.idle = client, server, idle
-        self.progress = time.monotonic()
-        self.error = None            # the exception that ended it, if one side failed
+    def __init__(self, client, server, idle, splice=True):
+        self.client, self.server, self.idle, self.splice = client, server, idle, splice
+        self.up = relay.Meter()        # client -> server
+        self.down = relay.Meter()      # server -> client
+        self.error = None              # the exception that ended it, if one side failed
 
     def run(self, to_server=b"", to_client=b""):
         """Send what was read ahead, then pump both ways until both directions ended."""
         if to_server:
             self.server.sendall(to_server)
+            self.up.add(len(to_server))
         if to_client:
             self.client.sendall(to_client)
-        workers = [gevent.spawn(self._pump, self.client, self.server),
-                   gevent.spawn(self._pump, self.server, self.client)]
+            self.down.add(len(to_client))
+        workers = [gevent.spawn(self._pump, self.client, self.server, self.up, self.down),
+                   gevent.spawn(self._pump, self.server, self.client, self.down, self.up)]
         try:
             for done in gevent.iwait(workers):
-                if done.value is not None:     # one side failed: the tunnel is over
-                    self.error = done.value
+                failure = done.exception if done.exception is not None else done.value
+                if failure is not None:     # one side failed (or a bug): the tunnel is over
+                    self.error = failure
                     return
         finally:
             gevent.killall(workers)
 
-    def _pump(self, src, dst):
-        """One direction; an idle direction waits while the other moves.  Returns None at a
-        clean EOF, or the exception that ended it."""
-        buf = bytearray(relay.RECV_SIZE)
-        view = memoryview(buf)
+    def _pump(self, src, dst, meter, other):
+        """One direction until EOF (then half-close the other side).  Returns None at a clean
+        EOF, or the exception that ended it."""
         try:
             while True:
                 try:
-                    n = src.recv_into(buf)
-                except relay.IdleTimeout:
-                    if time.monotonic() - self.progress < self.idle:
-                        continue
-                    raise
-                if not n:
+                    self._move(src, dst, meter)
                     dst.shutdown_write()
                     return None
-                self.progress = time.monotonic()
-                dst.sendall(view[:n])
+                except relay.IdleTimeout as exc:
+                    quiet = time.monotonic() - max(meter.last, other.last)
+                    if exc.peer is src and quiet < self.idle:
+                        continue       # this side is quiet, the other one moves: wait on
+                    raise
         except (relay.IdleTimeout, relay.PeerGone) as exc:
             return exc
+
+    def _move(self, src, dst, meter):
+        if self.splice:
+            pipe = relay.take_pipe()
+            try:
+                relay.splice(src, dst, pipe, None, meter)
+            finally:
+                relay.give_pipe(pipe)
+        else:
+            relay.copy(src, dst, bytearray(relay.RECV_SIZE), None, meter)

@@ -106,6 +106,7 @@ class _Parser:
         self._chunk_prefix = b""   # size line of the chunk being read, until its first Data
         self._last_chunk = b""
         self._empty_lines = 0      # CRLFs skipped before the head being read
+        self.last_head = b""       # the last head exactly as received (for a passthrough)
         self._reset_scan()
 
     # --- feeding --------------------------------------------------------------------------
@@ -264,7 +265,7 @@ class _Parser:
                 raise errors.IncompleteMessage("connection closed inside a head: %s" % _short(
                     buf[self._pos:]))
             return NEED_DATA
-        head = bytes(buf[self._pos:end])
+        head = self.last_head = bytes(buf[self._pos:end])
         self._pos = end
         line_end = head.index(b"\r\n")
         headers = self._parse_fields(head[line_end + 2:-2])

@@ -214,7 +214,6 @@ MALFORMED = [
     pytest.param(b"GET / HTTP/1.2\r\nHost: x\r\n\r\n", 505, id="http-1.2"),
     pytest.param(b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="double-space-request-line"),
     pytest.param(b"GET /\r\n\r\n", 400, id="http-0.9"),
-    pytest.param(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 32 + b"\r\n\r\n", 400, id="tls-hello"),
     pytest.param(b"GET / HTTP/1.1\r\n\r\n", 400, id="missing-host"),
     pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n", 400, id="space-in-field-name"),
     pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n", 400, id="field-without-colon"),
@@ -233,6 +232,17 @@ def test_malformed_request_is_refused_and_closed(lab, proxy, log, rawserver, req
     log.one_line(reply.local_port, "%s:%d" % (ORIGIN_IP, RAW_PORT), str(status))
     assert server.connections() == 0
     origin_got_nothing(server)
+
+
+def test_broken_tls_hello_is_closed_without_an_http_answer(lab, proxy, log, rawserver):
+    """Bytes that start like TLS go to the ClientHello reader: a broken hello is closed with
+    one log line, and never gets an HTTP answer (the client speaks TLS) nor reaches the origin."""
+    server = rawserver([raw.recv_until(), raw.send(OK)])
+    hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 32 + b"\r\n\r\n" + b"\xff" * 200
+    reply = exchange(lab, [send(hello)])
+    assert reply.data == b"" and (reply.eof or reply.recv_error), reply
+    log.one_line(reply.local_port, "%s:%d" % (ORIGIN_IP, RAW_PORT), "TLS ClientHello")
+    assert server.connections() == 0
 
 
 # -- a connection to the proxy's own address and port ------------------------------------------

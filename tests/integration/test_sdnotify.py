@@ -169,7 +169,7 @@ def reload_and_stop(proc, systemd, workers):
     assert name == "RELOADING=1" and before <= int(usec.split("=")[1]) <= after
     _, ready = systemd.wait(systemd.lifecycle, what="READY=1 after the reload")
     assert ready.startswith("READY=1\n")
-    assert proc.log().count("SIGHUP: reload requested") == workers   # each worker reloaded
+    assert proc.log().count("reloaded: ") == workers   # each worker reloaded
     time.sleep(1.5)   # a few more STATUS= and WATCHDOG=1
     proc.send_signal(signal.SIGTERM)
     _, stopping = systemd.wait(systemd.lifecycle, what="STOPPING=1")

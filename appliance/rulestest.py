@@ -1,0 +1,95 @@
+"""``sluice rules test URL``: which rules match a request and what Sluice would decide.
+
+Owns: turning a URL and a few facts (client, destination, method, content type) into the
+rules' decisions at every stage, printed for a person.  Pure apart from printing (and a
+name lookup when the destination is not given).  Lets an operator try an edit of the rules
+before a reload.
+"""
+
+import ipaddress
+import socket
+import sys
+from urllib.parse import urlsplit
+
+from .rules import Facts
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+def add_arguments(parser, common):
+    common(parser)
+    parser.add_argument("url", help="http://host[:port]/path?query")
+    parser.add_argument("--client", metavar="IP", help="the client's address")
+    parser.add_argument("--dest", metavar="IP",
+                        help="the original destination (default: the URL's host, resolved)")
+    parser.add_argument("--method", default="GET", help="default: GET")
+    parser.add_argument("--content-type", metavar="TYPE", help="the response's Content-Type")
+
+
+def _facts(args, out):
+    url = urlsplit(args.url if "://" in args.url else "http://" + args.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("expected http://host[:port]/path, got %r" % args.url)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    dest = args.dest or _resolve(url.hostname, port, out)
+    ctype = None
+    if args.content_type:
+        ctype = args.content_type.split(";", 1)[0].strip().lower()
+    return Facts(args.client, dest, port, host=url.hostname.lower(), path=url.path or "/",
+                 method=args.method.lower(), content_type=ctype)
+
+
+def _resolve(host, port, out):
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0][4][0]
+    except OSError:
+        print("note: %s does not resolve here; rules matching on dest do not match (give "
+              "--dest)" % host, file=out)
+        return None
+
+
+def _show(value):
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return ", ".join(_show(v) for v in value)
+    if isinstance(value, tuple):
+        return " -> ".join(_show(v) for v in value if not isinstance(v, bool)) + (
+            " (regex)" if value and value[-1] is True else "")
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if hasattr(value, "status"):
+        return "%d, %d body bytes" % (value.status, len(value.body))
+    return str(value)
+
+
+def run(args, policy, out=sys.stdout):
+    """Print every rule (matched or not) and each stage's decision."""
+    try:
+        facts = _facts(args, out)
+    except ValueError as exc:
+        print("sluice rules test: %s" % exc, file=sys.stderr)
+        return EXIT_USAGE
+    rules = policy.rules
+    if facts.client is None:
+        print("note: no --client: rules matching on client do not match", file=out)
+    print("%d rules%s" % (len(rules.rules), ", %d ignore_hosts patterns" % len(
+        rules.ignore_hosts) if rules.ignore_hosts else ""), file=out)
+    for rule, matched in rules.explain(facts):
+        print("  %-5s %-24s stage %-8s match %s" % ("yes" if matched else "no", rule.name,
+                                                    rule.stage, sorted(rule.keys) or "all"),
+              file=out)
+    stages = ("accept", "request", "response") if facts.content_type else ("accept", "request")
+    for stage in stages:
+        decision = rules.decide(stage, facts)
+        print("%s:" % stage, file=out)
+        if not decision:
+            print("  nothing: default behaviour", file=out)
+        for kind, (value, name) in decision.acts.items():
+            label = kind if isinstance(kind, str) else "%s (%s)" % kind
+            print("  %-28s %-30s by %s" % (label, _show(value), name), file=out)
+    if not facts.content_type:
+        print("(give --content-type to see the response stage)", file=out)
+    return EXIT_OK
