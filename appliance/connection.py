@@ -360,6 +360,7 @@ class ClientConnection:
         response_head = ResponseHead(b"1.1", status, reason.encode(), Headers(fields))
         flow.response = Response(response_head, flow)
         flow.response.set_buffered(respond.body)
+        flow.response.body_size = len(respond.body)
         self.out_framing = Framing.LENGTH
         self._send_response_head(response_head, fields, respond.body)
         flow.decide("response", "respond", ("rule %s", rule))

@@ -26,12 +26,14 @@ def add_arguments(parser, common):
     parser.add_argument("--content-type", metavar="TYPE", help="the response's Content-Type")
 
 
-def _facts(args, out):
+def _facts(args, rules, out):
     url = urlsplit(args.url if "://" in args.url else "http://" + args.url)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ValueError("expected http://host[:port]/path, got %r" % args.url)
     port = url.port or (443 if url.scheme == "https" else 80)
-    dest = args.dest or _resolve(url.hostname, port, out)
+    dest = args.dest
+    if dest is None and any("dest" in rule.keys for rule in rules.rules):
+        dest = _resolve(url.hostname, port, out)
     ctype = None
     if args.content_type:
         ctype = args.content_type.split(";", 1)[0].strip().lower()
@@ -52,27 +54,31 @@ def _resolve(host, port, out):
         return None
 
 
-def _show(value):
-    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
-        return ", ".join(_show(v) for v in value)
-    if isinstance(value, tuple):
-        return " -> ".join(_show(v) for v in value if not isinstance(v, bool)) + (
-            " (regex)" if value and value[-1] is True else "")
-    if isinstance(value, bytes):
-        return value.decode("latin-1")
-    if hasattr(value, "status"):
+def _show(kind, value):
+    """An action's value for a person."""
+    name = kind if isinstance(kind, str) else kind[0]
+    text = lambda b: b.decode("latin-1")          # noqa: E731
+    if name == "set_headers":
+        return ", ".join("%s: %s" % (text(k), text(v)) for k, v in value)
+    if name == "remove_headers":
+        return ", ".join(text(v) for v in value)
+    if name == "replace":
+        return ", ".join("%s -> %s%s" % (text(f), text(t), " (regex)" if r else "")
+                         for f, t, r in value)
+    if name == "respond":
         return "%d, %d body bytes" % (value.status, len(value.body))
     return str(value)
 
 
-def run(args, policy, out=sys.stdout):
+def run(args, policy, out=None):
     """Print every rule (matched or not) and each stage's decision."""
+    out = out or sys.stdout
+    rules = policy.rules
     try:
-        facts = _facts(args, out)
+        facts = _facts(args, rules, out)
     except ValueError as exc:
         print("sluice rules test: %s" % exc, file=sys.stderr)
         return EXIT_USAGE
-    rules = policy.rules
     if facts.client is None:
         print("note: no --client: rules matching on client do not match", file=out)
     print("%d rules%s" % (len(rules.rules), ", %d ignore_hosts patterns" % len(
@@ -89,7 +95,7 @@ def run(args, policy, out=sys.stdout):
             print("  nothing: default behaviour", file=out)
         for kind, (value, name) in decision.acts.items():
             label = kind if isinstance(kind, str) else "%s (%s)" % kind
-            print("  %-28s %-30s by %s" % (label, _show(value), name), file=out)
+            print("  %-28s %-30s by %s" % (label, _show(kind, value), name), file=out)
     if not facts.content_type:
         print("(give --content-type to see the response stage)", file=out)
     return EXIT_OK

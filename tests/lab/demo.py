@@ -43,6 +43,18 @@ TOOLS = ("ip", "iptables", "ip6tables", "nginx", "curl", "ss", "sysctl")
 START_TIMEOUT = 10.0
 DOWNLOAD_TIMEOUT = 120.0
 
+FOO_PAGE = (b"<!doctype html>\n<title>foo</title>\n<p>foo fighters, food, foolish, and a foo split across "
+            b"nginx's chunks if it likes: " + b"foo " * 40 + b"</p>\n")
+SEED_MODIFY = Path(__file__).resolve().parents[3] / "shared" / "seeds" / "examples" / "stream_modify_3x.py"
+OWN_MODIFY = Path(__file__).resolve().parents[2] / "examples" / "rewrite_stream.py"
+RELOAD_CONFIG = """\
+scripts: [{script}]
+rules:
+  - name: block-ads
+    match: {{host: ads.example}}
+    respond: {{status: 403, body: "blocked by a Sluice rule\\n"}}
+"""
+
 PAGE = b"""<!doctype html>
 <html>
 <head>
@@ -269,7 +281,7 @@ def exit_on_sigterm() -> None:
 
 # -- the demo ---------------------------------------------------------------------------------
 
-STEPS = 7
+STEPS = 9
 W = 13  # width of the step title column
 
 
@@ -314,6 +326,7 @@ def run(lab: Lab, workdir: Path, out: Out) -> None:
     www = workdir / "www"
     www.mkdir()
     (www / "index.html").write_bytes(PAGE)
+    (www / "foo.html").write_bytes(FOO_PAGE)
     t0 = time.monotonic()
     big_sha = make_synced_file(www / "1g.bin", BIG_SIZE)
     nginx = Nginx(lab.origin, www, port=NGINX_PORT, access_log=False).start()
@@ -334,7 +347,7 @@ def run(lab: Lab, workdir: Path, out: Out) -> None:
             out.more(line)
     try:
         exercise(lab, sluice, big_sha, out)
-    except DemoError as exc:
+    except DemoError:
         if sluice.proc.poll() is not None and sluice.proc.returncode != 0:
             sluice.check_alive()  # raises: Sluice died, with its log, which explains the rest
         raise
@@ -378,6 +391,8 @@ def exercise(lab: Lab, sluice: SluiceProc, big_sha: str, out: Out) -> None:
         raise DemoError("1 GiB through Sluice: got %d bytes with sha256 %s, expected %d bytes with %s"
                         % (count, sha, BIG_SIZE, big_sha))
 
+    rules_and_scripts(lab, sluice, out)
+
     removed = intercept_off(lab, sluice.config_path)
     if removed.returncode != 0:
         raise DemoError("sluice iptables remove failed: %s" % removed.stderr.strip())
@@ -402,6 +417,42 @@ def exercise(lab: Lab, sluice: SluiceProc, big_sha: str, out: Out) -> None:
         out.more(line, "!")
     if code != 0 or problems:
         raise DemoError("Sluice exited with %d after SIGTERM or logged errors" % code)
+
+
+def rules_and_scripts(lab: Lab, sluice: SluiceProc, out: Out) -> None:
+    """Steps 6 and 7: a reload adds the seed's stream_modify script and a blocking rule; a
+    streamed page is rewritten as it passes, a host is answered by the rule."""
+    script = SEED_MODIFY if SEED_MODIFY.exists() else OWN_MODIFY
+    with open(sluice.config_path, "a") as config:
+        config.write(RELOAD_CONFIG.format(script=script))
+    sluice.mark()
+    sluice.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not any("reloaded:" in line for line in sluice.new_lines()):
+        if time.monotonic() > deadline:
+            raise DemoError("Sluice did not reload on SIGHUP: %s" % sluice.log()[-2000:])
+        time.sleep(0.1)
+    page_url = lab.url("/foo.html")
+    sluice.mark()
+    rc, through, err = lab.curl(["--fail", page_url], timeout=10)
+    flow = Flow.parse(sluice.wait_flow("/foo.html"))
+    direct = lab.gateway.run(["curl", "-sS", "--noproxy", "*", page_url], capture_output=True, timeout=10).stdout
+    if rc != 0 or direct != FOO_PAGE or through != FOO_PAGE.replace(b"foo", b"bar"):
+        raise DemoError("stream_modify: curl exit %d, origin sent %r, the client got %r" % (rc, direct[:80], through[:80]))
+    out.step("script", "SIGHUP reloaded the config with %s (a seed script, unchanged)" % script.name)
+    out.more(" ".join(direct.decode().split())[16:90], "origin sent")
+    out.more(" ".join(through.decode().split())[16:90], "client got")
+    out.more(flow.decisions, "sluice log")
+    out.more("streamed through the script's generator, chunk by chunk; chunk sizes recomputed", "=>")
+    sluice.mark()
+    rc, blocked, err = lab.curl(["-H", "Host: ads.example", "-w", "%{http_code}", lab.url("/index.html")], timeout=10)
+    flow = Flow.parse(sluice.wait_flow("/index.html"))
+    if not blocked.startswith(b"blocked by a Sluice rule") or not blocked.endswith(b"403"):
+        raise DemoError("block rule: the client got %r" % blocked)
+    out.step("rule", "curl -H 'Host: ads.example' %s  ->  403 %r" % (lab.url("/index.html"), blocked[:-3].decode()))
+    out.more(flow.line.split(" | ", 1)[-1], "sluice log")
+    out.more("answered by the rule block-ads; the origin was never contacted", "=>")
+    sluice.check_alive()
 
 
 def main(argv=None) -> int:

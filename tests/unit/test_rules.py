@@ -203,3 +203,43 @@ def test_policy_is_immutable():
     loaded = policy_mod.load(None)
     with pytest.raises(AttributeError):
         loaded.rules = None
+
+
+# -- the shipped example and `sluice rules test` ------------------------------------------------
+
+EXAMPLE = __import__("pathlib").Path(__file__).parents[2] / "examples" / "rules.yaml"
+
+
+def _example_config(tmp_path):
+    rules_dir = tmp_path / "rules.d"
+    rules_dir.mkdir()
+    (rules_dir / "example.yaml").write_text(EXAMPLE.read_text())
+    config = tmp_path / "sluice.yaml"
+    config.write_text("rules_dir: %s\n" % rules_dir)
+    return config
+
+
+def test_example_rules_file_has_every_action_and_loads(tmp_path):
+    loaded = policy_mod.load(str(_example_config(tmp_path)))
+    kinds = set()
+    for rule in loaded.rules.rules:
+        kinds.update(k if isinstance(k, str) else k[0] for k in rule.actions)
+    assert kinds == {"respond", "passthrough", "request_stream", "response_stream", "replace",
+                     "set_headers", "remove_headers", "record"}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["http://ads.example/x"], ["respond", "403, 23 body bytes", "block-ads"]),
+    (["http://a.cdn.example/video/1.mp4", "--content-type", "video/mp4"], ["response_stream", "True", "video"]),
+    (["http://upload.example/u", "--method", "PUT", "--content-type", "text/plain"],
+     ["request_stream", "524288", "uploads", "response_stream", "False"]),
+    (["http://x.example/", "--client", "192.168.1.50", "--dest", "10.0.0.9"], ["set_headers (request)", "X-Lan: 1"]),
+    (["http://ssh.example:22/", "--client", "192.168.1.50", "--dest", "10.0.0.9"], ["accept:", "passthrough", "lab-box-ssh"]),
+])
+def test_sluice_rules_test_prints_what_would_be_decided(tmp_path, capsys, args, expected):
+    from appliance import cli
+    code = cli.main(["rules", "test", "-c", str(_example_config(tmp_path)), *args])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for text in expected:
+        assert text in out, out
