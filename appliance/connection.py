@@ -19,10 +19,12 @@ import time
 
 import gevent
 
-from . import body, errors, heads, relay, tls, upstream
+from . import body, errors, heads, relay, tls, upstream, websocket, wsframe
 from .flow import Flow, Request, Response
 from .http1 import NEED_DATA, ConnectionClosed, Framing, RequestParser, ResponseParser
 from .http1.events import Headers, ResponseHead
+from .hooks import run_one
+from .modify import Replacer
 from .policy import request_facts
 from .rules import Facts
 from .tunnel import Tunnel
@@ -308,6 +310,9 @@ class ClientConnection:
         respond = decision.get("respond")
         if respond is not None:
             return self._respond(respond, head, decision.rule("respond"))
+        upgrade = heads.websocket_upgrade(head)
+        if upgrade:
+            self._websocket_offer(head, decision, facts)
         self._ensure_upstream(dst)
         self.server_reusable = False
         self.rparser.expect(head.method)
@@ -324,10 +329,8 @@ class ClientConnection:
         policy.after_streamed(flow, request, "request")
         response_head = self.early or self._read_response_head()
         response = flow.response = Response(response_head, flow)
-        if response_head.status == 101 and heads.websocket_upgrade(head):
-            self._send_response_head(response_head, heads.response_fields(
-                response_head, head.version, self.via, upgrade=True))
-            self._tunnel_upgraded()
+        if response_head.status == 101:
+            self._websocket(head, response, facts)
             return False
         if facts is not None:
             facts.content_type = _media_type(response_head)
@@ -563,8 +566,86 @@ class ClientConnection:
         self.responded = True
         self._tunnel(self.parser.take_buffered(), b"", "tunnel")
 
-    def _tunnel_upgraded(self):
-        self._tunnel(self.parser.take_buffered(), self.rparser.take_buffered(), "upgrade")
+    # --- WebSocket --------------------------------------------------------------------
+
+    def _websocket_offer(self, head, decision, facts):
+        """The client's Sec-WebSocket-Extensions, as forwarded: only permessage-deflate
+        (the one extension Sluice can read), and not even that when a hook or a rule may
+        change messages (so payloads stay plain: Sluice never compresses)."""
+        offer = head.headers.get(b"sec-websocket-extensions")
+        if offer is None:
+            return
+        offer = wsframe.supported_offer(offer)
+        if offer is not None and self._ws_may_modify(decision, facts):
+            offer = wsframe.strip_deflate_offer(offer)
+        if offer is None:
+            head.headers.remove(b"sec-websocket-extensions")
+        else:
+            head.headers.set(b"Sec-WebSocket-Extensions", offer)
+
+    def _ws_may_modify(self, decision, facts):
+        if self.cfg.stream_websockets:
+            return False            # streamed frames are never changed
+        if self.policy.hooks.websocket_message or decision.get(("replace", "request")):
+            return True
+        return facts is not None and bool(self.policy.rules.decide("response", facts).get(
+            ("replace", "response")))
+
+    def _websocket(self, head, response, facts):
+        """A 101: a WebSocket flow if the request asked for one and the origin's handshake
+        is valid; any other 101 is the origin's fault (502), the connection is not given
+        over to bytes Sluice cannot check."""
+        response_head = response.head
+        if not heads.websocket_upgrade(head):
+            raise errors.BadUpstreamResponse("%s answered 101 to a request that asked for no "
+                                             "upgrade" % self._dst_text())
+        problem = wsframe.handshake_problem(head.headers, 101, response_head.headers)
+        try:
+            deflate = problem is None and wsframe.deflate_params(response_head.headers)
+        except ValueError as exc:
+            problem = str(exc)
+        if problem is not None:
+            raise errors.BadUpstreamResponse("invalid WebSocket handshake from %s: %s" % (
+                self._dst_text(), problem))
+        self._send_response_head(response_head, heads.response_fields(
+            response_head, head.version, self.via, upgrade=True))
+        cfg, flow = self.cfg, self.flow
+        settings = websocket.Settings(
+            stream=cfg.stream_websockets, max_message=cfg.body_size_limit,
+            record_max=cfg.record.max_message_bytes, idle=cfg.timeouts.idle,
+            deflate=deflate or None, client_buffered=self.parser.take_buffered(),
+            server_buffered=self.rparser.take_buffered())
+        if facts is not None:
+            facts.content_type = None
+        websocket.relay(self.client, self.server, flow, settings,
+                        self._ws_on_message(facts), None, log)
+        ws = flow.websocket
+        log.info("flow %s websocket %s:%d <-> %s%s: %d messages, %d B up, %d B down, closed "
+                 "by %s (%s %s)", flow.id, self.client_addr[0], self.client_addr[1],
+                 self._dst_text(), " (rules: %s)" % ", ".join(flow.rules) if flow.rules else "",
+                 ws.message_count, ws.bytes_from_client, ws.bytes_from_server, ws.closed_by,
+                 ws.close_code, ws.close_reason or "")
+
+    def _ws_on_message(self, facts):
+        """The websocket_message hooks and replace rules, or None when there are none."""
+        policy, flow = self.policy, self.flow
+        hooks = policy.hooks.websocket_message
+        replacers = {}
+        if facts is not None:
+            for direction, stage in (("request", "request"), ("response", "response")):
+                items = policy.rules.decide(stage, facts).get(("replace", direction))
+                if items:
+                    replacers[direction == "request"] = Replacer(list(items))
+        if not hooks and not replacers:
+            return None
+
+        def on_message(flow_, message):
+            replacer = replacers.get(message.from_client)
+            if replacer is not None and not message.truncated:
+                message.content = replacer.apply(message.content)
+            for hook in hooks:
+                run_one(hook, flow)
+        return on_message
 
     def _tunnel(self, to_server, to_client, kind):
         tunnel = Tunnel(self.client, self.server, self.cfg.timeouts.idle,

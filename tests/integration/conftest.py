@@ -7,7 +7,8 @@ These tests need root.  Without it they fail, loudly: they must never be skipped
 Fixtures:
     lab           (session) tests.lab.netns.Lab, up, with .nginx, .test_origin, .files, .workdir
     nginx, test_origin, static_files        (session) parts of `lab`; lab.duplex is the
-                  full-duplex peer (tests.lab.duplex) on DUPLEX_PORT
+                  full-duplex peer (tests.lab.duplex) on DUPLEX_PORT, lab.wsorigin a WebSocket
+                  echo server (the websockets library) on WS_PORT
     big_file      (session) a 1 GiB static file served by nginx, made on first use
     sluice        factory: sluice(config, extra_args=(), dports=INTERCEPTED) -> Sluice
     rawserver     factory: rawserver(script, port=RAW_PORT, ns=None) -> RawServer (started)
@@ -31,8 +32,9 @@ import pytest
 import yaml
 
 from tests.lab.duplex import DuplexServer
-from tests.lab.netns import (DUPLEX_PORT, NGINX_PORT, ORIGIN_PORT, RAW_PORT, Lab, LabError, netns_list,
-                             stop_process)
+from tests.lab.netns import (DUPLEX_PORT, NGINX_PORT, ORIGIN_PORT, RAW_PORT, WS_PORT, Lab, LabError,
+                             netns_list, stop_process)
+from tests.lab.wsorigin import WsOrigin
 from tests.lab.nginx import Nginx, make_file
 from tests.lab.origin import Origin
 from tests.lab.rawserver import RawServer
@@ -40,7 +42,7 @@ from tests.lab.rawserver import RawServer
 log = logging.getLogger(__name__)
 
 TOOLS = ("ip", "iptables", "ip6tables", "nginx", "curl", "ss", "sysctl")
-INTERCEPTED = (NGINX_PORT, ORIGIN_PORT, RAW_PORT, DUPLEX_PORT)  # destination ports the sluice fixture redirects
+INTERCEPTED = (NGINX_PORT, ORIGIN_PORT, RAW_PORT, DUPLEX_PORT, WS_PORT)  # destination ports the sluice fixture redirects
 START_TIMEOUT = 10.0
 BIG_FILE_SIZE = 1 << 30
 
@@ -99,6 +101,7 @@ def lab():
         lab.nginx = Nginx(lab.origin, lab.www, port=NGINX_PORT).start()  # both stopped by lab.down()
         lab.test_origin = Origin(lab.origin, port=ORIGIN_PORT, workdir=workdir).start()
         lab.duplex = DuplexServer(lab.origin, port=DUPLEX_PORT).start()
+        lab.wsorigin = WsOrigin(lab.origin, port=WS_PORT).start()
         yield lab
     finally:
         failures = lab.down()

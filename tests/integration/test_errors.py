@@ -180,20 +180,25 @@ def test_idle_keep_alive_client_is_closed_without_a_response(lab, proxy, log):
     assert 0.7 <= reply.elapsed <= 4, reply.elapsed  # closed after timeouts.idle (1s)
 
 
-def test_idle_upgraded_tunnel_is_closed_without_a_traceback(lab, proxy, log, rawserver):
-    """After a 101 the proxy is a tunnel; when neither side sends for timeouts.idle it closes
-    both connections, with one log line and no traceback."""
+def test_idle_websocket_is_closed_without_a_traceback(lab, proxy, log, rawserver):
+    """After a valid 101 the proxy relays WebSocket frames; when neither side sends for
+    timeouts.idle it closes both with close code 1001, with one log line, no traceback."""
     server = rawserver([raw.recv_until(), raw.send(b"HTTP/1.1 101 Switching Protocols\r\n"
-                                                   b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")])
+                                                   b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+                                                   b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")])
     request = (b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-    reply = exchange(lab, [send(request)], read_timeout=6)
-    assert reply.data.startswith(b"HTTP/1.1 101 ") and reply.data.endswith(b"\r\n\r\n"), reply.data
+    reply = exchange(lab, [send(request)], read_timeout=8)
+    head, _, rest = reply.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 "), reply.data
+    assert rest == b"\x88\x0e\x03\xe9idle timeout", rest      # close 1001, unmasked from the proxy
     assert reply.eof and reply.recv_error is None, reply
-    assert 0.7 <= reply.elapsed <= 4, reply.elapsed  # timeouts.idle is 1s
-    result = server.result(0, timeout=5)
+    assert 0.7 <= reply.elapsed <= 7, reply.elapsed  # timeouts.idle is 1s (+ the close handshake wait)
+    result = server.result(0, timeout=8)
     assert result is not None and result["eof"], result  # the origin's side was closed too
-    log.one_line(reply.local_port, "%s:%d" % (ORIGIN_IP, RAW_PORT), "1s")
+    frame = server.received(0).partition(b"\r\n\r\n")[2]
+    assert frame[:2] == b"\x88\x8e" and len(frame) == 2 + 4 + 14, frame   # close, masked, 14 bytes
+    assert "Traceback" not in log.text()
 
 
 # -- malformed requests are refused before anything is forwarded -------------------------------

@@ -36,7 +36,7 @@ import time
 from .netns import read_ready, stop_process
 from .origin import body_sha256, iter_range
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 FRAME = 1 << 20
 CLIENT_SEED = 0xC1E7
 TIMEOUT = 60.0

@@ -42,6 +42,7 @@ NGINX_PORT = 80     # nginx in the origin namespace
 ORIGIN_PORT = 8000  # tests.lab.origin in the origin namespace
 RAW_PORT = 9000     # default port of tests.lab.rawserver
 DUPLEX_PORT = 9100  # tests.lab.duplex in the origin namespace
+WS_PORT = 9200      # tests.lab.wsorigin (the websockets library) in the origin namespace
 
 IFNAMSIZ = 15
 STOP_TIMEOUT = 5.0
