@@ -67,8 +67,13 @@ def _decision(record):
     parts = ["%s: %s (%s)" % (d.get("what"), d.get("action"), d.get("reason"))
              for d in record.get("decisions") or ()]
     if kind == "websocket":
-        stream = (record.get("websocket") or {}).get("stream")
-        parts.append("messages: %s" % ("stream" if stream else "buffer"))
+        ws = record.get("websocket") or {}
+        parts.append("messages: %s" % ("stream" if ws.get("stream") else "buffer"))
+        if ws.get("closed_by"):
+            parts.append("closed by %s (%s %s)" % (ws["closed_by"], ws.get("close_code"),
+                                                    ws.get("close_reason") or ""))
+    if record.get("rules"):
+        parts.append("rules: %s" % ", ".join(record["rules"]))
     return "; ".join(parts)
 
 

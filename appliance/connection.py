@@ -19,11 +19,12 @@ import time
 
 import gevent
 
-from . import body, errors, heads, relay, tls, upstream, websocket, wsframe
+from . import body, errors, heads, records, relay, tls, upstream, websocket, wsframe
 from .flow import Flow, Request, Response
 from .http1 import NEED_DATA, ConnectionClosed, Framing, RequestParser, ResponseParser
 from .http1.events import Headers, ResponseHead
 from .hooks import run_one
+from .metrics import Metrics
 from .modify import Replacer
 from .policy import request_facts
 from .rules import Facts
@@ -39,19 +40,57 @@ INFINITY = body.INFINITY
 
 
 class Context:
-    """What every connection shares: the current policy (swapped whole on reload) and facts
-    about this box."""
+    """What every connection shares: the current policy (swapped whole on reload), facts
+    about this box, and where finished flows go (metrics, the flow store, the access log,
+    the admin page's recent flows)."""
 
-    def __init__(self, policy, own_addresses, own_ports):
+    RECENT = 100
+
+    def __init__(self, policy, own_addresses, own_ports, metrics=None, recorder=None,
+                 accesslog=None):
         self.policy = policy
         self.own_addresses = own_addresses
         self.own_ports = own_ports
         self.draining = False
         self.connections = set()
+        self.metrics = metrics or Metrics()
+        self.recorder = recorder
+        self.accesslog = accesslog
+        self.recent = None            # a deque of light records, when the admin page is on
 
     @property
     def cfg(self):
         return self.policy.cfg
+
+    def finish(self, flow):
+        """A flow ended: count it, record it (unless a rule said not to), log it."""
+        flow.timestamps["end"] = time.time()
+        kind = flow.kind
+        cfg = self.cfg
+        if kind == "http":
+            self.metrics.flow_done(flow, cfg.relay)
+        elif flow.tunnel is not None:
+            self.metrics.bytes[("up", kind)] += flow.tunnel.up.bytes
+            self.metrics.bytes[("down", kind)] += flow.tunnel.down.bytes
+        if flow.error is not None:
+            self.metrics.error(flow.error.kind)
+        full = self.recorder is not None and flow.record
+        if not full and self.accesslog is None and self.recent is None:
+            return
+        record = records.build(flow, cfg.record.max_body_bytes, full)
+        if full:
+            self.recorder.submit(record)
+        if self.accesslog is not None:
+            self.accesslog.add(record)
+        if self.recent is not None:
+            self.recent.append(record if not full else records.lighten(record))
+
+    def websocket_message(self, flow, message):
+        """One WebSocket message: counted, and recorded as it completes."""
+        self.metrics.websocket_messages["client" if message.from_client else "server"] += 1
+        if self.recorder is not None and flow.record:
+            self.recorder.submit(records.websocket_message_record(
+                flow, message, self.cfg.record.max_message_bytes))
 
 
 class ClientConnection:
@@ -118,16 +157,23 @@ class ClientConnection:
                 self._fail(None, str(exc))
         except Exception:     # a bug of ours: 500, and the traceback in the log
             log.exception("flow %s: internal error", self.flow.id if self.flow else "-")
-            self._fail(500, "internal error", logged=True)
+            self._fail(500, "internal error", logged=True, kind="internal")
         finally:
             self.ctx.connections.discard(self)
             self._close()
+            self._finish()
 
-    def _fail(self, status, message, logged=False):
+    def _finish(self):
+        flow = self.flow
+        if flow is not None and not flow.finished:
+            flow.finished = True
+            self.ctx.finish(flow)
+
+    def _fail(self, status, message, logged=False, kind=None):
         """Log one line and answer ``status`` if no response byte went out yet; a response
         already under way is cut (see the module's docstring)."""
         if self.flow is not None:
-            self.flow.fail(message)
+            self.flow.fail(message, kind or ("status_%d" % status if status else "cut"))
             self.policy.error(self.flow)
         if not logged:
             self._log_error(message if status is None else "%d %s" % (status, message))
@@ -136,8 +182,12 @@ class ClientConnection:
             return
         if status is None or self.client.eof:
             return
+        head, data = heads.error_response(status, message)
+        if self.flow is not None:
+            self.flow.response = Response(head, self.flow)
+            self.flow.response.body_size = len(data) - data.index(b"\r\n\r\n") - 4
         try:
-            self.client.sendall(heads.error_response(status, message))
+            self.client.sendall(data)
         except (relay.PeerGone, relay.IdleTimeout):
             pass
 
@@ -175,7 +225,9 @@ class ClientConnection:
                 return
             first = False
             self._take_policy()
-            self.flow = Flow(self.client_addr, self.original_dst or ("-", 0), self.listen.mode)
+            self.flow = flow = Flow(self.client_addr, self.original_dst or ("-", 0),
+                                    self.listen.mode)
+            flow.request = Request(head, flow)
             if self.via is not None and heads.via_loop(head, self.via):
                 raise errors.LoopDetected("the request already went through %s (Via loop)" % (
                     self.via.decode(),))
@@ -183,7 +235,9 @@ class ClientConnection:
             if head.method == b"CONNECT":
                 self._tunnel_connect(head, dst)
                 return
-            if not self._exchange(head, dst):
+            keep = self._exchange(head, dst)
+            self._finish()
+            if not keep:
                 return
             self.parser.start_next()
             self.responded = False     # errors in the next request get their answer
@@ -255,9 +309,9 @@ class ClientConnection:
             dst = self.original_dst
         else:
             dst = self._explicit_destination(head)
+        self.flow.server = dst
         if upstream.is_loop(dst, self.ctx.own_addresses, self.ctx.own_ports):
             raise errors.LoopDetected("destination %s:%d is Sluice itself (loop)" % dst)
-        self.flow.server = dst
         return dst
 
     def _absolute_to_origin_form(self, head):
@@ -289,8 +343,10 @@ class ClientConnection:
             self.server.close()
             self.server = None
         self.server_dst = dst
+        started = time.monotonic()
         sock = upstream.connect(dst, self.cfg.timeouts.connect,
                                 (self.ctx.own_addresses, self.ctx.own_ports))
+        self.ctx.metrics.connect.observe(time.monotonic() - started)
         self.server = relay.Peer(sock, "server %s:%d" % dst, self.cfg.timeouts.idle)
         self.rparser = ResponseParser(**self.limits)
         self.server_reusable = False
@@ -301,7 +357,8 @@ class ClientConnection:
     def _exchange(self, head, dst):
         """Forward one request and its response; True if the client connection goes on."""
         flow, policy = self.flow, self.policy
-        request = flow.request = Request(head, flow, heads.authority(*dst).decode("latin-1"))
+        request = flow.request
+        request.authority = heads.authority(*dst).decode("latin-1")
         facts = None if policy.rules.empty else request_facts(self.client_addr, dst, head)
         decision = policy.request(flow, facts)
         if decision.get("passthrough"):
@@ -328,6 +385,9 @@ class ClientConnection:
         flow.mark("request_sent")
         policy.after_streamed(flow, request, "request")
         response_head = self.early or self._read_response_head()
+        flow.mark("response_head")
+        self.ctx.metrics.response_head.observe(
+            flow.timestamps["response_head"] - flow.timestamps["request_sent"])
         response = flow.response = Response(response_head, flow)
         if response_head.status == 101:
             self._websocket(head, response, facts)
@@ -346,7 +406,6 @@ class ClientConnection:
                                 and not self.rparser.buffered)
         if self.server_reusable:
             self.rparser.start_next()
-        self._log_flow(head, response_head)
         return keep_client and out_framing is not Framing.CLOSE
 
     def _respond(self, respond, head, rule):
@@ -367,7 +426,6 @@ class ClientConnection:
         self.out_framing = Framing.LENGTH
         self._send_response_head(response_head, fields, respond.body)
         flow.decide("response", "respond", ("rule %s", rule))
-        self._log_flow(head, response_head)
         return keep
 
     def _send_request(self, upload, head_sent):
@@ -542,13 +600,12 @@ class ClientConnection:
             self.client_addr[0], dst[0], dst[1], host=hello.sni))
         flow.rules.extend(decision.names())
         if decision.get("respond") is not None:
-            log.info("flow %s tls %s:%d -> %s sni %s: blocked (rule %s)", flow.id,
-                     self.client_addr[0], self.client_addr[1], self._dst_text(), hello.sni,
-                     decision.rule("respond"))
             flow.decide("request", "block", ("rule %s", decision.rule("respond")))
+            flow.kind = "passthrough"
+            flow.fail("blocked by rule %s" % decision.rule("respond"), "blocked")
             return
         self._ensure_upstream(dst)
-        self._tunnel(reader.raw, b"", "tls (sni %s)" % hello.sni)
+        self._tunnel(reader.raw, b"", "passthrough")
 
     def _passthrough_after_head(self, dst, rule):
         """A passthrough rule that needed the request head: the head goes out exactly as
@@ -560,7 +617,6 @@ class ClientConnection:
 
     def _tunnel_connect(self, head, dst):
         """CONNECT (regular mode): a byte tunnel after ``200 Connection established``."""
-        self.flow.request = Request(head, self.flow)
         self._ensure_upstream(dst)
         self.client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         self.responded = True
@@ -617,14 +673,9 @@ class ClientConnection:
             server_buffered=self.rparser.take_buffered())
         if facts is not None:
             facts.content_type = None
+        flow.kind = "websocket"
         websocket.relay(self.client, self.server, flow, settings,
-                        self._ws_on_message(facts), None, log)
-        ws = flow.websocket
-        log.info("flow %s websocket %s:%d <-> %s%s: %d messages, %d B up, %d B down, closed "
-                 "by %s (%s %s)", flow.id, self.client_addr[0], self.client_addr[1],
-                 self._dst_text(), " (rules: %s)" % ", ".join(flow.rules) if flow.rules else "",
-                 ws.message_count, ws.bytes_from_client, ws.bytes_from_server, ws.closed_by,
-                 ws.close_code, ws.close_reason or "")
+                        self._ws_on_message(facts), self.ctx.websocket_message, log)
 
     def _ws_on_message(self, facts):
         """The websocket_message hooks and replace rules, or None when there are none."""
@@ -648,34 +699,14 @@ class ClientConnection:
         return on_message
 
     def _tunnel(self, to_server, to_client, kind):
+        self.flow.kind = "tunnel" if kind == "tunnel" else "passthrough"
         tunnel = Tunnel(self.client, self.server, self.cfg.timeouts.idle,
                         splice=self.cfg.relay == "splice")
-        try:
-            tunnel.run(to_server, to_client)
-        finally:
-            self.flow.tunnel = tunnel
-            log.info("flow %s %s %s:%d <-> %s%s: %d B up, %d B down", self.flow.id, kind,
-                     self.client_addr[0], self.client_addr[1], self._dst_text(),
-                     " (rule %s)" % ", ".join(self.flow.rules) if self.flow.rules else "",
-                     tunnel.up.bytes, tunnel.down.bytes)
+        self.flow.tunnel = tunnel
+        tunnel.run(to_server, to_client)
         if tunnel.error is not None:
             self._log_error("%s closed: %s" % (kind, tunnel.error))
             self.abort = isinstance(tunnel.error, relay.PeerGone)   # mirror a reset
-
-    # --- logging -----------------------------------------------------------------------
-
-    def _log_flow(self, request_head, response_head):
-        if not log.isEnabledFor(logging.INFO):
-            return
-        flow = self.flow
-        log.info("flow %s %s:%d %s %s%s -> %d %s | %s%s | req %d B, resp %d B", flow.id,
-                 self.client_addr[0], self.client_addr[1],
-                 request_head.method.decode("latin-1"),
-                 self._dst_text(), request_head.target.decode("latin-1"),
-                 response_head.status, response_head.reason.decode("latin-1"),
-                 flow.decisions_text() or "no bodies",
-                 " | rules: %s" % ", ".join(flow.rules) if flow.rules else "",
-                 flow.request.body_size, flow.response.body_size)
 
 
 def _media_type(head):

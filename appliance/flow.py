@@ -245,10 +245,11 @@ class Response(Message):
 
 
 class Error:
-    """mitmproxy-like ``flow.error``: ``msg`` and ``timestamp``."""
+    """mitmproxy-like ``flow.error``: ``msg`` and ``timestamp``; ``kind`` for metrics."""
 
-    def __init__(self, msg):
+    def __init__(self, msg, kind="error"):
         self.msg = msg
+        self.kind = kind
         self.timestamp = time.time()
 
     def __str__(self):
@@ -276,6 +277,8 @@ class Flow:
         self.client = client             # (host, port)
         self.server = server             # (host, port): the original destination
         self.mode = mode                 # the listener's mode
+        self.kind = "http"               # http | websocket | tunnel | passthrough
+        self.finished = False            # handed to the metrics, the store and the log
         self.request = None
         self.response = None
         self.error = None                # an Error, when the exchange failed
@@ -307,8 +310,8 @@ class Flow:
         return "; ".join("%s: %s (%s)" % (what, action, reason[0] % reason[1:])
                          for what, action, reason in self.decisions)
 
-    def fail(self, message):
-        self.error = Error(message)
+    def fail(self, message, kind="error"):
+        self.error = Error(message, kind)
 
     def mark(self, event):
         self.timestamps[event] = time.time()

@@ -135,12 +135,14 @@ def via_loop(head, pseudonym):
 
 
 def error_response(status, message):
-    """Sluice's own answer: a short text body, then the connection closes."""
+    """Sluice's own answer: (its head, its bytes on the wire: a short text body, then the
+    connection closes)."""
     reason = REASONS.get(status, "Error")
     body = ("%d %s: %s\n" % (status, reason, message)).encode("utf-8", "replace")
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (
-                status, reason.encode(), len(body))) + body
+    head = ResponseHead(b"1.1", status, reason.encode(), Headers([
+        (b"Content-Type", b"text/plain; charset=utf-8"), (b"Content-Length", b"%d" % len(body)),
+        (b"Connection", b"close")]))
+    return head, write_response_head(head) + body
 
 
 def split_authority(authority):

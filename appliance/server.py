@@ -26,8 +26,11 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from . import __version__, sdnotify, upstream
+from .accesslog import AccessLog
 from .connection import ClientConnection, Context
 from .errors import ConfigError
+from .metrics import Metrics
+from .recorder import Recorder
 
 log = logging.getLogger("sluice")
 BACKLOG = 1024
@@ -73,13 +76,39 @@ class Proxy:
     def __init__(self, policy, loader=None):
         self.cfg = cfg = policy.cfg
         self.loader = loader         # () -> a new Policy, re-reading every file (SIGHUP)
-        self.ctx = Context(policy, upstream.local_addresses(), {l.port for l in cfg.listen})
+        self.metrics = Metrics()
+        self.recorder = None
+        if cfg.record.dir is not None:
+            self.recorder = Recorder(cfg.record.dir, cfg.record.max_bytes,
+                                     cfg.record.segment_size, cfg.record.queue, log=log)
+        self.accesslog = AccessLog(cfg.access_log) if cfg.access_log != "off" else None
+        self.ctx = Context(policy, upstream.local_addresses(), {l.port for l in cfg.listen},
+                           self.metrics, self.recorder, self.accesslog)
         self.pool = Pool(cfg.limits.max_connections)
         self.servers = []
         self.served = 0     # connections handled to the end, for STATUS=
-        self.reloads = 0
+        self.admin = None
+        self._gauges()
+
+    def _gauges(self):
+        gauges = self.metrics.gauges
+        gauges["current_connections"] = ("client connections open", lambda: len(self.pool))
+        if self.recorder is not None:
+            rec = self.recorder
+            gauges["recorder_written_total"] = ("flow records written", lambda: rec.written)
+            gauges["recorder_dropped_total"] = ("flow records dropped (queue full, disk "
+                                                "errors)", lambda: rec.dropped)
+            gauges["recorder_queued"] = ("flow records waiting", lambda: rec.queued)
+
+    @property
+    def reloads(self):
+        return self.metrics.reloads
 
     def start(self):
+        if self.recorder is not None:
+            self.recorder.start()
+        if self.accesslog is not None:
+            self.accesslog.start()
         for listen in self.cfg.listen:
             server = StreamServer(make_listener(listen), self._handler(listen), spawn=self.pool)
             server.start()
@@ -88,13 +117,22 @@ class Proxy:
 
     def _handler(self, listen):
         ctx = self.ctx
+        metrics = self.metrics
 
         def handle(sock, address):
+            metrics.connections_total += 1
             try:
                 ClientConnection(sock, address, listen, ctx).handle()
             finally:
                 self.served += 1
         return handle
+
+    def close_sinks(self):
+        """After the drain: what is queued for the store and the log is written."""
+        if self.accesslog is not None:
+            self.accesslog.close()
+        if self.recorder is not None:
+            self.recorder.close(timeout=5.0)
 
     def counts(self):
         """(active connections, connections served so far)."""
@@ -123,7 +161,7 @@ class Proxy:
             cooperative_stdlib()
         logging.getLogger().setLevel(policy.cfg.log_level.upper())
         self.ctx.policy = policy
-        self.reloads += 1
+        self.metrics.reloads += 1
         log.info("reloaded: %d rules, %d scripts", len(policy.rules.rules),
                  len(policy.hooks.scripts))
         return True
@@ -295,6 +333,7 @@ def serve(policy, loader=None, channel=None):
     reporter.kill()
     log.info("stopping: listeners closed, draining for up to %gs", proxy.ctx.cfg.timeouts.drain)
     proxy.drain()
+    proxy.close_sinks()
     log.info("stopped")
     return 0
 

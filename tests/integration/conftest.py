@@ -20,11 +20,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +48,12 @@ TOOLS = ("ip", "iptables", "ip6tables", "nginx", "curl", "ss", "sysctl")
 INTERCEPTED = (NGINX_PORT, ORIGIN_PORT, RAW_PORT, DUPLEX_PORT, WS_PORT)  # destination ports the sluice fixture redirects
 START_TIMEOUT = 10.0
 BIG_FILE_SIZE = 1 << 30
+
+# The access log (access_log: text): `TIME CLIENT DEST MODE METHOD URL STATUS BYTES_IN BYTES_OUT
+# DURATION FLOW_ID "DECISION" "ERROR"` (appliance/accesslog.py).
+ACCESS_LINE = re.compile(r"^\d{4}-\d\d-\d\dT")
+ACCESS_FIELDS = ("time", "client", "dest", "mode", "method", "url", "status", "bytes_in", "bytes_out",
+                 "duration", "flow_id", "decision", "error")
 
 INDEX_HTML = b"<!doctype html>\n<title>sluice lab</title>\n<p>hello from the origin namespace</p>\n"
 
@@ -220,6 +229,42 @@ class Sluice:
     def log(self) -> str:
         """Everything the proxy wrote on stderr so far."""
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def flows(self) -> list[dict]:
+        """The access log lines written so far (access_log: text), parsed."""
+        out = []
+        for line in self.log().splitlines():
+            if ACCESS_LINE.match(line):
+                out.append(dict(zip(ACCESS_FIELDS, shlex.split(line))))
+        return out
+
+    def wait_flows(self, predicate=lambda f: True, count: int = 1, timeout: float = 5.0) -> list[dict]:
+        """The flows that satisfy `predicate`, once there are `count` of them (or the timeout:
+        then what there is)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [f for f in self.flows() if predicate(f)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    def wait_flow(self, predicate, timeout: float = 5.0) -> dict:
+        found = self.wait_flows(predicate, 1, timeout)
+        assert found, "no such flow in the access log after %.1fs:\n%s" % (timeout, self.log()[-3000:])
+        return found[-1]
+
+    def wait_log(self, text: str, timeout: float = 5.0, count: int = 1) -> str:
+        """The log once it holds `text` (at least `count` times): the access log is written
+        in batches, every half second."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log_text = self.log()
+            if log_text.count(text) >= count:
+                return log_text
+            if time.monotonic() > deadline:
+                raise AssertionError("%r not in the proxy's log after %.1fs:\n%s" % (
+                    text, timeout, log_text[-3000:]))
+            time.sleep(0.05)
 
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""

@@ -15,7 +15,6 @@ import ipaddress
 import json
 import shutil
 import subprocess
-import time
 
 import pytest
 
@@ -74,10 +73,8 @@ def test_script_is_posix_sh():
 
 
 def wait_flows(handle, count, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while handle.log().count(" flow ") < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return handle.log().count(" flow ")
+    """The number of flows in Sluice's access log once it reaches `count` (or the timeout)."""
+    return len(handle.wait_flows(count=count, timeout=timeout))
 
 
 def snapshot(lab):
@@ -107,7 +104,8 @@ def test_script_provisions_the_lab_gateway(lab, sluice, static_files):
             assert (rc, body) == (0, page), err
         assert wait_flows(handle, 2) == 2
         for origin in (lab.origin_ip, lab.origin_ip6):
-            assert "%s:80/index.html -> 200" % origin in handle.log()
+            assert any(f["dest"] in ("%s:80" % origin, "[%s]:80" % origin) and f["url"].endswith("/index.html")
+                       and f["status"] == "200" for f in handle.flows())
 
         applied = without_comments(snapshot(lab))
         again = provision_gateway(lab, handle.config_path)   # re-provisioning is harmless

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.lab.netns import NGINX_PORT, ORIGIN_PORT
+from tests.lab.netns import ORIGIN_PORT
 from tests.lab.origin import body_sha256
 
 CONFIG = {"listen": [{"host": "::", "port": 8080, "mode": "transparent"}],
@@ -68,9 +68,9 @@ def test_buffered_page_ipv4_and_ipv6(proxy, lab, static_files):
     for url in (lab.url("/index.html"), lab.url("/index.html", ip6=True)):
         rc, sha, size, err = lab.curl_sha256(["-g", url])
         assert (rc, sha, size) == (0, page.sha256, page.size), (url, err)
-    log = proxy.log()
-    assert "%s:80/index.html -> 200" % lab.origin_ip in log
-    assert "%s:80/index.html -> 200" % lab.origin_ip6 in log   # intercepted over IPv6 too
+    for dest in ("%s:80" % lab.origin_ip, "[%s]:80" % lab.origin_ip6):   # intercepted over IPv6 too
+        flow = proxy.wait_flow(lambda f: f["dest"] == dest and f["url"].endswith("/index.html"))
+        assert flow["status"] == "200", flow
 
 
 def test_keepalive_pipelining_in_order_on_one_upstream_connection(proxy, lab):

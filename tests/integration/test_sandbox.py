@@ -71,7 +71,7 @@ def test_sluice_serves_in_the_sandbox(lab, test_origin, tmp_path):
         lab.redirect(80, ORIGIN_PORT, enabled=False)
         stop_process(proc, signal.SIGKILL)
     log = stderr.read_text()
-    assert "-> 200" in log and "Traceback" not in log and " ERROR " not in log, log
+    assert " 200 " in log and "Traceback" not in log and " ERROR " not in log, log
 
 
 # -- SystemCallFilter ---------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_seed_stream_true_streams_every_response(lab, sluice, name):
     n = 3 * 1024 + 5           # small: only the script makes it streamed
     rc, digest, count, err = lab.curl_sha256(["-o", "-", url("/bytes?n=%d" % n)])
     assert (rc, count, digest) == (0, n, body_sha256(n)), err
-    assert "response: stream (stream set by a script)" in handle.log(), handle.log()[-2000:]
+    handle.wait_log("response: stream (stream set by a script)")
 
 
 @pytest.mark.parametrize("name", ["stream_modify_0_12.py", "stream_modify_3x.py"])
@@ -114,7 +114,7 @@ def test_example_stream_all(lab, sluice):
     handle = start(sluice, str(EXAMPLES / "stream_all.py"))
     rc, digest, count, err = lab.curl_sha256(["-o", "-", url("/chunked?n=%d&chunk=1000" % (200 * 1024))])
     assert (rc, digest) == (0, body_sha256(200 * 1024)), err
-    assert "stream set by a script" in handle.log()
+    handle.wait_log("stream set by a script")
 
 
 def test_scripts_from_the_config_and_a_chunked_splice_of_a_big_body(lab, sluice):
@@ -122,7 +122,7 @@ def test_scripts_from_the_config_and_a_chunked_splice_of_a_big_body(lab, sluice)
     n = 3 * MIB
     rc, digest, count, err = lab.curl_sha256(["-o", "-", url("/bytes?n=%d" % n)])
     assert rc == 0 and count >= n - 1024, err      # binary body: a few "foo" may become "bar"
-    assert "a script's stream callable" in handle.log()
+    handle.wait_log("a script's stream callable")
 
 
 # -- hooks on buffered and streamed bodies ---------------------------------------------------------

@@ -237,7 +237,7 @@ def test_body_between_body_size_limit_and_threshold_is_streamed_whatever_its_fra
                      "stream_large_bodies": "8m", "body_size_limit": "2m"}, dports=(ORIGIN_PORT,))
     rc, digest, count, err = lab.curl_sha256(["-o", "-", "http://%s:%d%s" % (ORIGIN_IP, ORIGIN_PORT, path)])
     assert (rc, count, digest) == (0, 3 * MIB, body_sha256(3 * MIB)), err
-    assert "response: stream" in handle.log(), handle.log()[-2000:]
+    handle.wait_log("response: stream")
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])

@@ -82,7 +82,7 @@ def test_buffer_or_stream_by_timing(proxy, lab, target, streamed):
         assert result["first"] >= PAUSE - 0.2, result
         assert result["early"] == 0, result
     decision = "stream" if streamed else "buffer"
-    assert "response: %s" % decision in proxy.log()
+    proxy.wait_log("response: %s" % decision)
 
 
 def test_event_stream_always_streamed(proxy, lab):
@@ -90,7 +90,7 @@ def test_event_stream_always_streamed(proxy, lab):
     result = timed_get(lab, "/sse?events=5&interval=0.4", pause_end=1.0)
     assert result["first"] is not None and result["first"] < 1.0, result
     assert 0 < result["early"] < result["total"], result
-    assert "response: stream (text/event-stream)" in proxy.log()
+    proxy.wait_log("response: stream (text/event-stream)")
 
 
 def test_threshold_from_command_line(sluice, test_origin, lab):
@@ -115,7 +115,7 @@ def test_1gib_upload_streamed_in_constant_memory(proxy, lab, big_file):
     assert rc == 0, err
     reply = json.loads(out)
     assert (reply["sha256"], reply["bytes"]) == (big_file.sha256, big_file.size)
-    assert "request: stream (Content-Length %d" % big_file.size in proxy.log()
+    proxy.wait_log("request: stream (Content-Length %d" % big_file.size)
     assert proxy.peak_rss_kib() < 100 * 1024, "peak RSS %d KiB" % proxy.peak_rss_kib()
 
 

@@ -50,6 +50,7 @@ def test_tproxy_ipv4_and_ipv6(sluice, test_origin, nginx, lab, static_files, tpr
     log = handle.log()
     assert "(tproxy)" in log
     # The destination came from getsockname(): the origin's own address, both families.
-    assert "%s:80/index.html -> 200" % lab.origin_ip in log
-    assert "%s:80/index.html -> 200" % lab.origin_ip6 in log
-    assert "response: stream (Content-Length %d" % n in log
+    for dest in ("%s:80" % lab.origin_ip, "[%s]:80" % lab.origin_ip6):
+        flow = handle.wait_flow(lambda f: f["dest"] == dest and f["url"].endswith("/index.html"))
+        assert flow["status"] == "200", flow
+    handle.wait_log("response: stream (Content-Length %d" % n)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,6 +39,7 @@ from .nginx import Nginx, make_file
 from .provision import intercept_off, provision_gateway
 
 PROXY_PORT = 8080
+ACCESS_LINE = re.compile(r"^\d{4}-\d\d-\d\dT")     # Sluice's access log (access_log: text)
 BIG_SIZE = 1 << 30
 MB = 1e6            # speeds are in MB/s = 10^6 bytes per second, like curl's
 TOOLS = ("ip", "iptables", "ip6tables", "nginx", "curl", "ss", "sysctl")
@@ -187,11 +190,13 @@ class SluiceProc:
         return data[:end].decode("utf-8", "replace").splitlines()
 
     def wait_flow(self, target: str, timeout: float = 5.0) -> str:
-        """The next `flow N ... GET <dst><target> -> ...` line (logged when the exchange ends)."""
+        """The next access log line of a URL ending in `target` (written within half a
+        second of the exchange's end)."""
         deadline = time.monotonic() + timeout
         while True:
             for line in self.new_lines():
-                if " flow " in line and "%s -> " % target in line:
+                fields = line.split(" ")
+                if ACCESS_LINE.match(line) and len(fields) > 6 and fields[5].endswith(target):
                     return line
             if time.monotonic() > deadline:
                 raise DemoError("no flow line for %s in Sluice's log after %.0fs" % (target, timeout))
@@ -210,18 +215,17 @@ class SluiceProc:
 
 @dataclass
 class Flow:
-    """One `flow N client METHOD dst+target -> STATUS REASON | decisions | sizes` log line."""
+    """One access log line: `TIME CLIENT DEST MODE METHOD URL STATUS IN OUT SECONDS ID
+    "DECISION" "ERROR"`."""
     line: str
-    summary: str    # "GET 198.18.2.2:80/index.html -> 200 OK"
-    decisions: str  # "response: buffer (Content-Length 612 <= stream_large_bodies 1048576)"
+    summary: str    # "GET http://198.18.2.2/index.html 200 (buffered, 612 bytes)"
+    decisions: str  # "response: buffer (Content-Length 612 <= a threshold of 1048576)"
 
     @classmethod
     def parse(cls, line: str) -> Flow:
-        text = line.split(" INFO ", 1)[-1]
-        parts = text.split(" | ")
-        words = parts[0].split(" ")
-        summary = " ".join(words[3:]) if len(words) > 3 else parts[0]  # drop "flow N client"
-        return cls(line, summary, parts[1] if len(parts) > 2 else "")
+        fields = shlex.split(line)
+        summary = "%s %s %s (%s, %s bytes)" % (fields[4], fields[5], fields[6], fields[3], fields[8])
+        return cls(line, summary, fields[11])
 
 
 @dataclass
@@ -399,7 +403,7 @@ def exercise(lab: Lab, sluice: SluiceProc, big_sha: str, out: Out) -> None:
     sluice.mark()
     direct = best_of(2, lambda: curl_stats(lab, big_url))
     time.sleep(0.2)
-    leaked = [line for line in sluice.new_lines() if " flow " in line]
+    leaked = [line for line in sluice.new_lines() if ACCESS_LINE.match(line)]
     if leaked:
         raise DemoError("the rules were removed but Sluice still saw: %s" % leaked[0])
     if direct.size != BIG_SIZE:
@@ -450,7 +454,7 @@ def rules_and_scripts(lab: Lab, sluice: SluiceProc, out: Out) -> None:
     if not blocked.startswith(b"blocked by a Sluice rule") or not blocked.endswith(b"403"):
         raise DemoError("block rule: the client got %r" % blocked)
     out.step("rule", "curl -H 'Host: ads.example' %s  ->  403 %r" % (lab.url("/index.html"), blocked[:-3].decode()))
-    out.more(flow.line.split(" | ", 1)[-1], "sluice log")
+    out.more(flow.decisions, "sluice log")
     out.more("answered by the rule block-ads; the origin was never contacted", "=>")
     sluice.check_alive()
 
