@@ -266,6 +266,8 @@ def _stream_length(t):
     if _send_held(t):
         return
     parser = t.parser
+    t.meter = meter = relay.Meter()         # live progress for /flows/active
+    meter.bytes = message.body_size
     moved = _relay(t, parser.body_remaining)
     message.body_size += moved
     parser.skip_body(moved)
@@ -300,11 +302,10 @@ def _stream_events(t, framing, out):
         if pending:
             dst.sendall(b"".join(pending))
             del pending[:]
-    size = 0
     while True:
         event = next_event(t, flush)
         if type(event) is Data:
-            size += len(event.data)
+            message.body_size += len(event.data)
             if rechunk:
                 pending.append(chunk(event.data))
             elif chunked:
@@ -312,7 +313,6 @@ def _stream_events(t, framing, out):
             else:
                 pending.append(event.data)
         else:
-            message.body_size += size
             message.trailers = event.trailers
             if chunked:
                 pending.append(event.raw if event.raw and not rechunk else b"0\r\n\r\n")
@@ -324,6 +324,8 @@ def _stream_until_close(t):
     """A close-delimited body: what the parser holds, then splice (or copy) until EOF."""
     if _send_held(t):
         return
+    t.meter = meter = relay.Meter()
+    meter.bytes = t.message.body_size
     t.message.body_size += _relay(t, None)
     t.parser.receive_data(b"")
     expect_end(t)

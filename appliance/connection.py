@@ -120,6 +120,7 @@ class ClientConnection:
         self.abort = False            # end the client connection with a reset
         self.idle = False             # waiting for the first byte of a request
         self.hello = b""              # the first bytes, when they start a TLS ClientHello
+        self.upload = self.download = None    # the current body transfers (for snapshot)
 
     def _take_policy(self):
         """The policy snapshot for what starts now (the connection, then each exchange)."""
@@ -162,6 +163,31 @@ class ClientConnection:
             self.ctx.connections.discard(self)
             self._close()
             self._finish()
+
+    def snapshot(self, now=None):
+        """The open flow as /flows/active shows it, or None between flows."""
+        flow = self.flow
+        if flow is None or flow.finished:
+            return None
+        now = now or time.time()
+        request, response = flow.request, flow.response
+        up = _progress(request, self.upload)
+        down = _progress(response, self.download)
+        if flow.tunnel is not None:
+            up, down = flow.tunnel.up.bytes, flow.tunnel.down.bytes
+        elif flow.websocket is not None:
+            up, down = flow.websocket.bytes_from_client, flow.websocket.bytes_from_server
+        age = max(now - flow.timestamps["start"], 1e-6)
+        expected = None
+        if response is not None and response.head.framing is Framing.LENGTH:
+            expected = response.head.content_length
+        return {"id": flow.id, "client": "%s:%d" % flow.client, "dest": "%s:%s" % flow.server,
+                "kind": flow.kind, "method": request.method if request else None,
+                "url": request.url if request else flow.sni,
+                "status": response.head.status if response else None,
+                "bytes_up": up, "bytes_down": down, "expected": expected, "age": age,
+                "rate": (up + down) / age,
+                "streamed": bool(response is not None and response.streamed)}
 
     def _finish(self):
         flow = self.flow
@@ -546,20 +572,22 @@ class ClientConnection:
     # --- bodies ------------------------------------------------------------------------
 
     def _upload(self, request, plan):
-        return body.Transfer(
+        self.upload = upload = body.Transfer(
             self.client, self.server, self.parser, request, True, True,
             lambda framing, length=None, extra=b"": self._send_request_head(
                 request.head, framing, length, extra),
             self.threshold, self.cfg.body_size_limit, self.cfg.relay == "splice", self.flow,
             self._dst_text(), plan)
+        return upload
 
     def _download(self, response, keep_client, plan):
-        return body.Transfer(
+        self.download = download = body.Transfer(
             self.server, self.client, self.rparser, response, False,
             self.flow.request.head.version == b"1.1",
             self._response_head_sender(response.head, keep_client),
             self.threshold, self.cfg.body_size_limit, self.cfg.relay == "splice", self.flow,
             self._dst_text(), plan)
+        return download
 
     # --- tunnels -----------------------------------------------------------------------
 
@@ -707,6 +735,15 @@ class ClientConnection:
         if tunnel.error is not None:
             self._log_error("%s closed: %s" % (kind, tunnel.error))
             self.abort = isinstance(tunnel.error, relay.PeerGone)   # mirror a reset
+
+
+def _progress(message, transfer):
+    """Body bytes moved so far: the splice meter while a body is spliced."""
+    if message is None:
+        return 0
+    if transfer is not None and transfer.message is message and transfer.meter is not None:
+        return max(message.body_size, transfer.meter.bytes)
+    return message.body_size
 
 
 def _media_type(head):
