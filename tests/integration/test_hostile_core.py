@@ -1,0 +1,427 @@
+"""Hostile tests of the proxy core: the proxy attacked from outside, as its worst users would.
+
+Each test is named after a fault (or, for those that pass, after the attack it survives), with
+a comment that explains the attack.  A failing test here asserts the correct outcome: it fails
+until the fault is fixed.  They run the real proxy in the gateway namespace against our own
+origins (the scripted rawserver, the test origin, the duplex peer) with real clients in the
+client namespace, and assert bytes, statuses, timing, log lines and memory.
+
+Timing margins are wide (the box has 2 shared cores): a timeout of 2 s is never asserted
+closer than a second or so, and every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.integration.conftest import Sluice
+from tests.integration.rawclient import (LogView, assert_error_reply, exchange, origin_got_nothing, pause,
+                                         read_until, send)
+from tests.lab import rawserver as raw
+from tests.lab.netns import DUPLEX_PORT, GATEWAY_IP, ORIGIN_IP, ORIGIN_PORT, RAW_PORT
+
+KIB, MIB = 1 << 10, 1 << 20
+IDLE = 2.0
+REGULAR = 3128
+PSEUDONYM = "hostile-test"
+CONFIG = {"listen": [{"host": "::", "port": 8080, "mode": "transparent"},
+                     {"host": "::", "port": REGULAR, "mode": "regular"}],
+          "stream_large_bodies": "1m", "via": PSEUDONYM,
+          "timeouts": {"connect": "2s", "header": "2s", "idle": "%gs" % IDLE, "drain": "5s"}}
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+RAW_DST = "%s:%d" % (ORIGIN_IP, RAW_PORT)
+
+
+@pytest.fixture(scope="module")
+def proxy(lab, tmp_path_factory):
+    handle = Sluice(lab, CONFIG, workdir=tmp_path_factory.mktemp("sluice-hostile"),
+                    dports=(80, ORIGIN_PORT, RAW_PORT, DUPLEX_PORT))
+    lab.gateway.on_teardown(handle.close)
+    handle.start()
+    yield handle
+    handle.close()
+
+
+@pytest.fixture(autouse=True)
+def _redirects_stay_with_the_module_proxy(lab, proxy):
+    """Tests that start a proxy of their own take some of its ports over; give them back."""
+    yield
+    for dport in proxy.redirected:
+        lab.redirect(proxy.port, dport)
+
+
+@pytest.fixture
+def log(proxy):
+    view = LogView(proxy)
+    yield view
+    assert proxy.running(), "the proxy died:\n%s" % proxy.log()[-4000:]
+    view.no_traceback()
+
+
+def client(lab, code: str, *args, timeout: float = 60.0) -> dict:
+    """Run a client snippet (it prints one JSON line) in the client namespace."""
+    argv = "import json, hashlib, struct\nsys.argv[1:] = %r\n" % [str(a) for a in args]
+    rc, out, err = lab.python(argv + code, timeout=timeout)
+    assert rc == 0, err[-3000:]
+    return json.loads(out)
+
+
+def regular(lab, request: bytes, read_timeout: float = 5.0, steps=()):
+    return exchange(lab, [send(request), *steps], port=REGULAR, host=GATEWAY_IP, read_timeout=read_timeout)
+
+
+def head_of(data: bytes) -> tuple[str, list[str]]:
+    """(status line, lower-cased field lines) of the first head in `data`."""
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1")
+    lines = head.split("\r\n")
+    return lines[0], [line.lower() for line in lines[1:]]
+
+
+def curl_code(lab, args, timeout: float = 30.0) -> tuple[int, int, int, float]:
+    """curl ARGS -o /dev/null: (exit code, status, local port, seconds)."""
+    t0 = time.monotonic()
+    rc, out, err = lab.curl(["-o", "/dev/null", "-w", "%{http_code} %{local_port}", *args], timeout=timeout)
+    status, port = out.decode().split()
+    return rc, int(status), int(port), time.monotonic() - t0
+
+
+def own_proxy(sluice, port: int, dports, **config) -> Sluice:
+    """A proxy of the test's own (transparent on `port`), taking `dports` over from the module's."""
+    base = {"listen": [{"host": "::", "port": port, "mode": "transparent"}], "via": PSEUDONYM,
+            "stream_large_bodies": "1m",
+            "timeouts": {"connect": "2s", "header": "2s", "idle": "%gs" % IDLE, "drain": "5s"}}
+    base.update(config)
+    return sluice(base, dports=dports)
+
+
+# == memory ======================================================================================
+
+CHUNKY_UPLOAD = r"""
+n, ext = int(sys.argv[1]), int(sys.argv[2])
+piece = (b"1;e=" + b"a" * ext if ext else b"1") + b"\r\nX\r\n"
+s = socket.create_connection((ORIGIN_IP, ORIGIN_PORT), timeout=60)
+s.sendall(b"POST /sha256 HTTP/1.1\r\nHost: origin\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+block = piece * 1000
+for _ in range(n // 1000):
+    s.sendall(block)
+s.sendall(b"0\r\n\r\n")
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+head, _, payload = data.partition(b"\r\n\r\n")
+print(json.dumps({"status": head.split(b" ")[1].decode(), "body": payload.decode("latin-1")}))
+"""
+
+
+@pytest.mark.parametrize("chunks, ext", [(30_000, 1000), (400_000, 0)], ids=["1kib-extensions", "tiny-chunks"])
+def test_buffered_chunked_body_of_tiny_chunks_holds_memory_bounded_by_its_wire_size(lab, sluice, chunks, ext):
+    # A body is buffered up to stream_large_bodies (1 MiB) counting only its DATA bytes; every
+    # chunk is kept as a Data object with its size line (extensions included) and then joined
+    # again for the wire.  1-byte chunks, each with a legal 1000-byte extension: 30 KB of data
+    # (buffered) is 30 MB on the wire, and all of it is held, twice.  Plain 1-byte chunks cost
+    # ~130 bytes of objects per byte of data.  Memory must stay bounded by the limit, whatever
+    # the chunking: here we allow 24 MiB of growth for a body whose data is under 0.5 MiB.
+    handle = own_proxy(sluice, 8091, (ORIGIN_PORT,))
+    warm = client(lab, CHUNKY_UPLOAD, 1000, ext)     # load every code path once
+    assert warm["status"] == "200", warm
+    before = handle.peak_rss_kib()
+    result = client(lab, CHUNKY_UPLOAD, chunks, ext, timeout=120)
+    grown = handle.peak_rss_kib() - before
+    assert result["status"] == "200", result
+    assert json.loads(result["body"])["bytes"] == chunks, result
+    assert grown < 24 * 1024, "the proxy's peak memory grew by %d MiB for %d bytes of body" % (
+        grown // 1024, chunks)
+    assert "Traceback" not in handle.log()
+
+
+# == tunnels: the idle rule counts progress in either direction ====================================
+
+SLOW_TUNNEL_READER = r"""
+total, rate, slow = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.settimeout(10)
+s.connect((GATEWAY_IP, 3128))
+s.sendall(b"CONNECT %s:%d HTTP/1.1\r\nHost: x\r\n\r\n" % (ORIGIN_IP.encode(), RAW_PORT))
+data = b""
+while b"\r\n\r\n" not in data:
+    data += s.recv(1)
+got, eof, error = 0, False, None
+t0 = time.monotonic()
+try:
+    while time.monotonic() - t0 < slow:          # read `rate` bytes a second, send nothing
+        chunk = s.recv(1024)
+        if not chunk:
+            eof = True
+            break
+        got += len(chunk)
+        time.sleep(len(chunk) / rate)
+    while not eof and got < total:
+        chunk = s.recv(65536)
+        if not chunk:
+            eof = True
+        got += len(chunk)
+except OSError as exc:
+    error = repr(exc)
+print(json.dumps({"head": data.decode("latin-1"), "got": got, "eof": eof, "error": error,
+                  "seconds": time.monotonic() - t0}))
+"""
+
+
+def test_connect_tunnel_with_a_slow_reader_and_a_quiet_upload_is_not_cut(lab, proxy, log, rawserver):
+    # The origin sends 2 MiB at once into a CONNECT tunnel; the client reads it at 8 KB/s and
+    # sends nothing.  The download moves all the time, but its pump is blocked in one sendall
+    # of 64 KiB for ~8 s, and `Tunnel.progress` is only updated after a whole recv: the quiet
+    # upload pump's read times out after `idle`, sees no "progress" and ends the tunnel.
+    n = 2 * MIB
+    rawserver([raw.send(b"d" * n), raw.recv_all(timeout=30)], idle_timeout=30)
+    result = client(lab, SLOW_TUNNEL_READER, n, 8192, 3 * IDLE)
+    assert result["head"].startswith("HTTP/1.1 200"), result
+    assert result["got"] == n and result["error"] is None, result
+
+
+BUSY_UPLOAD_NOT_READING = r"""
+total = int(sys.argv[1])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.settimeout(10)
+s.connect((GATEWAY_IP, 3128))
+s.sendall(b"CONNECT %s:%d HTTP/1.1\r\nHost: x\r\n\r\n" % (ORIGIN_IP.encode(), RAW_PORT))
+data = b""
+while b"\r\n\r\n" not in data:
+    data += s.recv(1)
+got, eof, error = 0, False, None
+try:
+    for i in range(25):                  # 5 s of upload, 1 KiB every 0.2 s, reading nothing
+        s.sendall(b"u" * 1024)
+        time.sleep(0.2)
+    while got < total:                   # then read everything
+        chunk = s.recv(65536)
+        if not chunk:
+            eof = True
+            break
+        got += len(chunk)
+except OSError as exc:
+    error = repr(exc)
+print(json.dumps({"head": data.decode("latin-1"), "got": got, "eof": eof, "error": error}))
+"""
+
+
+def test_connect_tunnel_uploading_while_the_client_does_not_read_is_not_cut(lab, proxy, log, rawserver):
+    # The origin sends 4 MiB at once; the client uploads 1 KiB every 0.2 s for 5 s and reads
+    # nothing until its upload is done (a single-threaded client).  The upload moves all the
+    # time, so by the tunnel's own rule ("closed after idle seconds with no progress in either
+    # direction") it stays open; but the download pump's sendall to the client waits longer
+    # than `idle` and its write timeout ends the tunnel.
+    n = 4 * MIB
+    server = rawserver([raw.send(b"d" * n), raw.recv(25 * KIB, timeout=30)], idle_timeout=30)
+    result = client(lab, BUSY_UPLOAD_NOT_READING, n)
+    assert result["head"].startswith("HTTP/1.1 200"), result
+    assert result["got"] == n and result["error"] is None, result
+    time.sleep(0.3)
+    assert len(server.received(0)) == 25 * KIB
+
+
+# == early and late answers ======================================================================
+
+def big_upload(tmp_path, n: int) -> str:
+    path = tmp_path / ("upload-%d.bin" % n)
+    path.write_bytes(b"u" * n)
+    return "@%s" % path
+
+
+def test_final_response_that_came_with_the_100_continue_is_forwarded_at_once(lab, proxy, log, rawserver,
+                                                                             tmp_path):
+    # The origin answers `Expect: 100-continue` with a 100 and, in the same write, a 413, and
+    # reads nothing more.  The 413 sits in the response parser's buffer while the body goes out;
+    # the early-response watch only looks at the socket, so the proxy pushes the body into a
+    # connection nobody reads until `idle` and answers 504 instead of the origin's 413.
+    rawserver([raw.recv_until(), raw.send(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Content Too Large\r\n"
+                                          b"Content-Length: 3\r\nConnection: close\r\n\r\nno\n"),
+               raw.sleep(15)], idle_timeout=20)
+    rc, status, port, seconds = curl_code(lab, ["--data-binary", big_upload(tmp_path, 20 * MIB),
+                                                "-H", "Expect: 100-continue", "http://%s/up" % RAW_DST])
+    assert status == 413, (rc, status, seconds)
+    assert seconds < IDLE, "the 413 took %.1fs" % seconds
+
+
+def test_early_2xx_head_from_an_origin_that_reads_the_whole_body_gets_the_body(lab, proxy, log, rawserver,
+                                                                              tmp_path):
+    # Some origins send their 200 head (and a first chunk) at once and then read the whole
+    # upload before they finish the response (progress reports, full-duplex handlers).  An
+    # early 2xx is not a refusal: curl, for one, keeps sending after it (it stops only for
+    # >= 300).  The proxy takes every early final response for a refusal, stops the upload,
+    # and the exchange hangs until `idle` cuts it: the client gets a truncated response.
+    n = 4 * MIB
+    rawserver([raw.recv_until(),
+               raw.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\nstarted\n\r\n"),
+               raw.recv(n, timeout=20), raw.send(b"5\r\ndone\n\r\n0\r\n\r\n")], idle_timeout=20)
+    rc, out, err = lab.curl(["-o", "-", "--data-binary", big_upload(tmp_path, n), "-H", "Expect:",
+                             "http://%s/up" % RAW_DST], timeout=30)
+    assert (rc, out) == (0, b"started\ndone\n"), (rc, out[:200], err)
+
+
+def test_buffered_upload_on_a_connection_the_origin_closed_meanwhile_is_not_502(lab, proxy, log, rawserver):
+    # Keep-alive: the first request reuses nothing; the second one's body (buffered: 1000
+    # bytes) takes 1.5 s to arrive, and meanwhile the origin closes its idle keep-alive
+    # connection (a 1 s keep-alive timeout; Node's default is 5 s).  Nothing of the request
+    # was sent yet, so the proxy can send it on a new connection; it answers 502 instead
+    # ("closed the connection without a response").
+    server = rawserver({"connections": [
+        [raw.recv_until(), raw.send(OK), raw.sleep(1.0), raw.close()],
+        [raw.recv_until(), raw.recv(1000), raw.send(OK)]]})
+    head = b"POST /form HTTP/1.1\r\nHost: origin\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
+    reply = exchange(lab, [send(b"GET /a HTTP/1.1\r\nHost: origin\r\n\r\n"), read_until(b"ok"), pause(0.2),
+                           send(head + b"x" * 500), pause(1.5), send(b"y" * 500)], read_timeout=6)
+    first, _, second = reply.data.partition(b"ok")
+    assert first.startswith(b"HTTP/1.1 200"), reply.data[:300]
+    assert second.startswith(b"HTTP/1.1 200"), reply.data[:600]
+    assert server.received(1).endswith(b"x" * 500 + b"y" * 500)
+
+
+def test_origin_gone_mid_upload_without_an_answer_is_one_log_line(lab, proxy, log, rawserver, tmp_path):
+    # The origin reads 200 KB of a 20 MiB upload and closes without a word.  The proxy logs
+    # "origin stopped reading the request body" and then, on the same fault, "502 ... closed
+    # the connection without a response": two lines for one error (the contract is one).
+    rawserver([raw.recv_until(), raw.recv(200_000), raw.close()])
+    rc, status, port, seconds = curl_code(lab, ["--data-binary", big_upload(tmp_path, 20 * MIB), "-H", "Expect:",
+                                                "http://%s/up" % RAW_DST])
+    assert status in (0, 502), (rc, status)
+    log.one_line(port, RAW_DST)
+
+
+def test_body_refused_under_expect_never_reaches_the_origin(lab, sluice, rawserver):
+    # With stream_large_bodies off, a Content-Length over body_size_limit is refused (413)
+    # before anything is forwarded; with `Expect: 100-continue` the same request's head goes
+    # to the origin first (which may say 100, forwarded to the client), and only then is the
+    # 413 decided.  The limit is known from the head: nothing should be forwarded.
+    own_proxy(sluice, 8093, (RAW_PORT,), stream_large_bodies=None, body_size_limit="1m")
+    server = rawserver([raw.recv_until(), raw.send(b"HTTP/1.1 100 Continue\r\n\r\n"), raw.recv_all(timeout=5)])
+    head = b"POST /x HTTP/1.1\r\nHost: o\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % (2 * MIB)
+    reply = exchange(lab, [send(head)], read_timeout=5)
+    assert reply.data.startswith(b"HTTP/1.1 413 "), reply.data[:300]
+    origin_got_nothing(server)
+
+
+def test_stalled_buffered_request_body_gets_408(lab, proxy, log, rawserver):
+    # The client sends a head announcing 1000 bytes, 10 of them, and then nothing.  After
+    # `idle` the proxy closes the connection without a word: a client (a browser) cannot tell
+    # this from a lost keep-alive race and may retry.  Nothing was forwarded yet (the body is
+    # buffered): this is the 408 case, like an incomplete head.
+    server = rawserver([raw.recv_all(timeout=10)])
+    reply = exchange(lab, [send(b"POST /x HTTP/1.1\r\nHost: o\r\nContent-Length: 1000\r\n\r\n" + b"z" * 10)],
+                     read_timeout=3 * IDLE)
+    assert_error_reply(reply, 408)
+    log.one_line(reply.local_port, RAW_DST, "408")
+    origin_got_nothing(server)
+
+
+# == truncation must show, even when the drain kills ============================================
+
+def test_drain_that_kills_a_close_delimited_response_ends_it_with_a_reset(lab, sluice):
+    # A close-delimited body (no Content-Length, no chunks) can only look incomplete through a
+    # reset.  The idle and origin-gone paths end it with an RST, but when timeouts.drain runs
+    # out after SIGTERM the pool kills the connection's greenlet, `handle` only sees
+    # GreenletExit, and the socket is closed with a FIN: curl exits 0 with half the body.
+    handle = own_proxy(sluice, 8092, (ORIGIN_PORT,), timeouts={"idle": "20s", "drain": "1s"})
+    n = 4 * MIB
+    url = "http://%s:%d/close?n=%d&pause_after=%d&pause=8" % (ORIGIN_IP, ORIGIN_PORT, n, 2 * MIB)
+    argv = ["curl", "-sS", "--noproxy", "*", "--max-time", "20", "-o", "/dev/null", "-w", "%{size_download}", url]
+    proc = lab.client.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.5)                   # 2 MiB are through, the origin pauses
+        t0 = time.monotonic()
+        handle.stop(signal.SIGTERM, timeout=10)
+        assert time.monotonic() - t0 < 5
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    size = int(out or b"0")
+    assert size < n, "the pause did not happen: %d" % size
+    assert proc.returncode != 0, "curl took %d of %d bytes for a complete body" % (size, n)
+
+
+# == odd requests: nothing invalid is forwarded, nothing crashes ===================================
+
+@pytest.mark.parametrize("authority", [b"a,b", b"[::1]junk", b'a"b'])
+def test_absolute_form_authority_that_is_not_a_valid_host_is_not_forwarded(lab, proxy, log, rawserver,
+                                                                           authority):
+    # An HTTP/1.0 request has no Host; its absolute-form target's authority becomes the Host
+    # the origin sees, unchecked: `a,b` (the host-comma-list vector the parser refuses in a
+    # Host field), `[::1]junk`, `a"b`.  In transparent mode the destination is the original
+    # one, so such a request goes out with `Host: a,b`.  400, and nothing forwarded.
+    server = rawserver([raw.recv_until(), raw.send(OK)])
+    reply = exchange(lab, [send(b"GET http://%s/x HTTP/1.0\r\n\r\n" % authority)], read_timeout=4)
+    assert_error_reply(reply, 400)
+    origin_got_nothing(server)
+
+
+def test_connection_option_naming_host_does_not_strip_host(lab, proxy, log, rawserver):
+    # `Connection: host` names Host as hop-by-hop; the proxy strips it and forwards an
+    # HTTP/1.1 request without Host: the origin routes it to its default virtual host while
+    # the proxy (and its rules) saw `Host: origin`.  Host must reach the origin (or the
+    # request be refused).
+    server = rawserver([raw.recv_until(), raw.send(OK)])
+    reply = exchange(lab, [send(b"GET /x HTTP/1.1\r\nHost: origin\r\nConnection: host\r\n\r\n")], read_timeout=3)
+    if reply.data.startswith(b"HTTP/1.1 400 "):
+        origin_got_nothing(server)
+        return
+    assert reply.data.startswith(b"HTTP/1.1 200 "), reply.data[:300]
+    assert b"\r\nhost: origin\r\n" in server.received(0).lower(), server.received(0)
+
+
+@pytest.mark.parametrize("host", [b"a..b", b"a" * 64 + b".example", b".a"])
+def test_host_name_that_cannot_be_encoded_is_an_error_without_traceback(lab, proxy, log, host):
+    # Regular mode: a host name with an empty or 64-byte label passes the Host grammar, and
+    # getaddrinfo raises UnicodeError (idna) before any lookup: not an OSError, so the client
+    # gets "500 internal error" and the log a traceback (gevent's threadpool prints one too).
+    reply = regular(lab, b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\n\r\n" % (host, host))
+    status, _, _, _ = reply.parse()
+    assert status in (400, 502), reply.data[:300]
+    log.one_line(reply.local_port, "-")
+
+
+def test_options_absolute_form_without_a_path_is_forwarded_as_asterisk(lab, proxy, log, rawserver):
+    # RFC 9112 3.2.4: `OPTIONS http://host:port HTTP/1.1` (no path) asks about the server as a
+    # whole; the last proxy MUST forward it as `OPTIONS * HTTP/1.1`.  The proxy sends
+    # `OPTIONS /`, asking about the root resource instead.
+    server = rawserver([raw.recv_until(), raw.send(OK)])
+    reply = regular(lab, b"OPTIONS http://%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (
+        RAW_DST.encode(), RAW_DST.encode()))
+    assert reply.data.startswith(b"HTTP/1.1 200 "), reply.data[:300]
+    assert server.received(0).startswith(b"OPTIONS * HTTP/1.1\r\n"), server.received(0)[:200]
+
+
+# == odd responses ==============================================================================
+
+def test_204_response_reaches_the_client_without_content_length(lab, proxy, log, rawserver):
+    # RFC 9110 8.6: a sender MUST NOT send Content-Length in a 204.  The origin does; the proxy
+    # knows the message has no body (it parsed it so) but re-emits `Content-Length: 5`, and a
+    # client that trusts it waits for five bytes that never come (or eats the next response).
+    rawserver([raw.recv_until(), raw.send(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"),
+               raw.recv_until(), raw.send(OK)])
+    reply = exchange(lab, [send(b"GET /a HTTP/1.1\r\nHost: o\r\n\r\n"), read_until(b"\r\n\r\n"), pause(0.2),
+                           send(b"GET /b HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")], read_timeout=3)
+    status, fields = head_of(reply.data)
+    assert status.startswith("HTTP/1.1 204"), reply.data[:300]
+    assert not any(f.startswith("content-length:") for f in fields), fields
+    assert reply.data.count(b"HTTP/1.1 200 ") == 1, reply.data
+
+
+def test_101_to_a_request_that_did_not_ask_to_upgrade_is_502(lab, proxy, log, rawserver):
+    # RFC 9110 15.2.2: a server MUST NOT switch to a protocol the request did not name in
+    # Upgrade.  A plain GET answered `101 Switching Protocols` (Upgrade: h2c) is passed on to
+    # the client as a final response without a body, Upgrade stripped, and the origin
+    # connection (which now speaks another protocol) is kept for reuse.  502.
+    rawserver([raw.recv_until(), raw.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                                          b"Upgrade: h2c\r\n\r\n"), raw.recv_all(timeout=5)])
+    reply = exchange(lab, [send(b"GET / HTTP/1.1\r\nHost: o\r\n\r\n")], read_timeout=3)
+    assert reply.data.startswith(b"HTTP/1.1 502 "), reply.data[:300]
