@@ -143,12 +143,17 @@ def test_buffered_chunked_body_of_tiny_chunks_holds_memory_bounded_by_its_wire_s
 # == tunnels: the idle rule counts progress in either direction ====================================
 
 SLOW_TUNNEL_READER = r"""
-total, rate, slow = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+total, rate, slow, how = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 s.settimeout(10)
-s.connect((GATEWAY_IP, 3128))
-s.sendall(b"CONNECT %s:%d HTTP/1.1\r\nHost: x\r\n\r\n" % (ORIGIN_IP.encode(), RAW_PORT))
+if how == "connect":
+    s.connect((GATEWAY_IP, 3128))
+    s.sendall(b"CONNECT %s:%d HTTP/1.1\r\nHost: x\r\n\r\n" % (ORIGIN_IP.encode(), RAW_PORT))
+else:
+    s.connect((ORIGIN_IP, RAW_PORT))
+    s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+              b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
 data = b""
 while b"\r\n\r\n" not in data:
     data += s.recv(1)
@@ -172,17 +177,22 @@ except OSError as exc:
 print(json.dumps({"head": data.decode("latin-1"), "got": got, "eof": eof, "error": error,
                   "seconds": time.monotonic() - t0}))
 """
+UPGRADED = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
 
 
-def test_connect_tunnel_with_a_slow_reader_and_a_quiet_upload_is_not_cut(lab, proxy, log, rawserver):
-    # The origin sends 2 MiB at once into a CONNECT tunnel; the client reads it at 8 KB/s and
-    # sends nothing.  The download moves all the time, but its pump is blocked in one sendall
-    # of 64 KiB for ~8 s, and `Tunnel.progress` is only updated after a whole recv: the quiet
-    # upload pump's read times out after `idle`, sees no "progress" and ends the tunnel.
+@pytest.mark.parametrize("how", ["connect", "upgrade"])
+def test_tunnel_with_a_slow_reader_and_a_quiet_upload_is_not_cut(lab, proxy, log, rawserver, how):
+    # The origin sends 2 MiB at once into a tunnel (CONNECT, or a WebSocket after its 101);
+    # the client reads it at 8 KB/s and sends nothing.  The download moves all the time, but
+    # its pump is blocked in one sendall of 64 KiB for ~8 s, and `Tunnel.progress` is only
+    # updated after a whole recv: the quiet upload pump's read times out after `idle`, sees no
+    # "progress" and ends the tunnel (tunnel.py, Tunnel._pump).
     n = 2 * MIB
-    rawserver([raw.send(b"d" * n), raw.recv_all(timeout=30)], idle_timeout=30)
-    result = client(lab, SLOW_TUNNEL_READER, n, 8192, 3 * IDLE)
-    assert result["head"].startswith("HTTP/1.1 200"), result
+    first = [] if how == "connect" else [raw.recv_until(), raw.send(UPGRADED)]
+    rawserver(first + [raw.send(b"d" * n), raw.recv_all(timeout=30)], idle_timeout=30)
+    result = client(lab, SLOW_TUNNEL_READER, n, 8192, 3 * IDLE, how)
+    assert result["head"].startswith("HTTP/1.1 200" if how == "connect" else "HTTP/1.1 101"), result
     assert result["got"] == n and result["error"] is None, result
 
 
@@ -285,11 +295,14 @@ def test_buffered_upload_on_a_connection_the_origin_closed_meanwhile_is_not_502(
     assert server.received(1).endswith(b"x" * 500 + b"y" * 500)
 
 
-def test_origin_gone_mid_upload_without_an_answer_is_one_log_line(lab, proxy, log, rawserver, tmp_path):
-    # The origin reads 200 KB of a 20 MiB upload and closes without a word.  The proxy logs
-    # "origin stopped reading the request body" and then, on the same fault, "502 ... closed
-    # the connection without a response": two lines for one error (the contract is one).
-    rawserver([raw.recv_until(), raw.recv(200_000), raw.close()])
+@pytest.mark.parametrize("how", [[raw.close()], [raw.shutdown(), raw.recv_all(timeout=10)]], ids=["rst", "fin"])
+def test_origin_gone_mid_upload_without_an_answer_is_one_log_line(lab, proxy, log, rawserver, tmp_path, how):
+    # The origin reads 200 KB of a 20 MiB upload and goes away without a word: it closes (an
+    # RST, since the body keeps coming) or half-closes (FIN) and keeps reading.  The proxy
+    # logs "origin stopped reading the request body" (or, for the FIN, "origin answered
+    # before the request body was sent", which it did not) and then, on the same fault,
+    # "502 ... closed the connection without a response": two lines for one error.
+    rawserver([raw.recv_until(), raw.recv(200_000), *how])
     rc, status, port, seconds = curl_code(lab, ["--data-binary", big_upload(tmp_path, 20 * MIB), "-H", "Expect:",
                                                 "http://%s/up" % RAW_DST])
     assert status in (0, 502), (rc, status)
@@ -425,3 +438,29 @@ def test_101_to_a_request_that_did_not_ask_to_upgrade_is_502(lab, proxy, log, ra
                                           b"Upgrade: h2c\r\n\r\n"), raw.recv_all(timeout=5)])
     reply = exchange(lab, [send(b"GET / HTTP/1.1\r\nHost: o\r\n\r\n")], read_timeout=3)
     assert reply.data.startswith(b"HTTP/1.1 502 "), reply.data[:300]
+
+
+# == proxy semantics ===========================================================================
+
+def test_proxy_credentials_are_not_forwarded_to_the_origin(lab, proxy, log, rawserver):
+    # Regular mode: the client talks to Sluice as its proxy, and `Proxy-Authorization` carries
+    # credentials for a proxy (RFC 9110 11.7.2: it "applies only to the next inbound proxy").
+    # The origin is no proxy; forwarding it hands the user's proxy password to every site.
+    server = rawserver([raw.recv_until(), raw.send(OK)])
+    reply = regular(lab, b"GET http://%s/x HTTP/1.1\r\nHost: %s\r\nProxy-Authorization: Basic dXNlcjpzZWNyZXQ=\r\n"
+                         b"Connection: close\r\n\r\n" % (RAW_DST.encode(), RAW_DST.encode()))
+    assert reply.data.startswith(b"HTTP/1.1 200 "), reply.data[:300]
+    assert b"proxy-authorization" not in server.received(0).lower(), server.received(0)
+
+
+def test_http10_expectation_is_not_forwarded_as_an_http11_one(lab, proxy, log, rawserver):
+    # RFC 9110 10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0 request.
+    # The proxy ignores it, but forwards the request as HTTP/1.1 with `Expect: 100-continue`
+    # still in it, where the origin must honour it (and may answer 417, or wait).
+    server = rawserver([raw.recv_until(), raw.recv(5), raw.send(OK)])
+    reply = exchange(lab, [send(b"POST /x HTTP/1.0\r\nHost: o\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+                                b"hello")], read_timeout=3)
+    assert reply.data.startswith(b"HTTP/1.1 200 "), reply.data[:300]
+    received = server.received(0).lower()
+    assert received.startswith(b"post /x http/1.1\r\n"), received
+    assert b"\r\nexpect:" not in received, received
