@@ -464,3 +464,172 @@ def test_http10_expectation_is_not_forwarded_as_an_http11_one(lab, proxy, log, r
     received = server.received(0).lower()
     assert received.startswith(b"post /x http/1.1\r\n"), received
     assert b"\r\nexpect:" not in received, received
+
+
+# == guards: attacks the proxy survives today (they must keep passing) ============================
+# -- time: every wait gets the full interval, the sum of waits never matters --------------------
+
+def trickle(data: bytes, pieces: int, every: float) -> list:
+    """Rawserver steps sending `data` in `pieces` parts, `every` seconds apart."""
+    size = -(-len(data) // pieces)
+    steps = []
+    for i in range(0, len(data), size):
+        steps += [raw.sleep(every)] if i else []
+        steps.append(raw.send(data[i:i + size]))
+    return steps
+
+
+def test_trickled_response_head_longer_than_idle_gets_through(lab, proxy, log, rawserver):
+    # The response head arrives in 8 pieces 0.6 s apart: 4.2 s, twice `idle`, never silent.
+    rawserver([raw.recv_until(), *trickle(OK, 8, 0.6)])
+    reply = exchange(lab, [send(b"GET / HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")], read_timeout=10)
+    assert reply.parse()[0] == 200 and reply.data.endswith(b"\r\n\r\nok"), reply.data
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+
+
+def test_trickled_chunk_lines_and_trailers_longer_than_idle_get_through(lab, proxy, log, rawserver):
+    # Chunk size lines, chunk data and the trailer section come a few bytes at a time, 0.5 s
+    # apart, for about 6 s: each wait is short, their sum three times `idle`.
+    wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n"
+    rawserver([raw.recv_until(), raw.send(CHUNKED_HEAD), *trickle(wire, 12, 0.5)])
+    reply = exchange(lab, [send(b"GET / HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")], read_timeout=12)
+    head, _, rest = reply.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply.data
+    assert rest == wire, rest       # chunk extensions and trailers kept verbatim
+
+
+TRICKLED_UPLOAD = r"""
+pieces, every = int(sys.argv[1]), float(sys.argv[2])
+s = socket.create_connection((ORIGIN_IP, ORIGIN_PORT), timeout=20)
+s.sendall(b"POST /sha256 HTTP/1.1\r\nHost: origin\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+wire = b"".join(b"%x;n=%d\r\n%s\r\n" % (4, i, b"%04d" % i) for i in range(pieces)) + b"0\r\nX-Done: yes\r\n\r\n"
+step = -(-len(wire) // pieces)
+for i in range(0, len(wire), step):
+    s.sendall(wire[i:i + step])
+    time.sleep(every)
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+head, _, payload = data.partition(b"\r\n\r\n")
+print(json.dumps({"head": head.decode("latin-1"), "body": payload.decode("latin-1"),
+                  "expected": hashlib.sha256(b"".join(b"%04d" % i for i in range(pieces))).hexdigest()}))
+"""
+
+
+def test_trickled_chunked_upload_longer_than_idle_gets_through(lab, proxy, log):
+    # The client sends its chunked body (extensions, trailers) in 12 writes 0.5 s apart.
+    result = client(lab, TRICKLED_UPLOAD, 12, 0.5)
+    assert result["head"].startswith("HTTP/1.1 200"), result
+    seen = json.loads(result["body"])
+    assert seen["sha256"] == result["expected"] and seen["framing"] == "chunked", seen
+    assert seen["trailers"] == [["X-Done", "yes"]], seen
+
+
+KEEP_ALIVE_TRICKLED_HEADS = r"""
+n, every = int(sys.argv[1]), float(sys.argv[2])
+s = socket.create_connection((ORIGIN_IP, ORIGIN_PORT), timeout=10)
+statuses = []
+for i in range(n):
+    head = b"GET /bytes?n=%d HTTP/1.1\r\nHost: origin\r\nX-Seq: %d\r\n\r\n" % (10 + i, i)
+    for j in range(0, len(head), len(head) // 3 + 1):
+        s.sendall(head[j:j + len(head) // 3 + 1])
+        time.sleep(every)
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < 10 + i:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    statuses.append(data.split(b" ", 2)[1].decode() if data else "closed")
+    if not data:
+        break
+print(json.dumps({"statuses": statuses}))
+"""
+
+
+def test_keep_alive_heads_trickled_past_the_header_timeout_in_sum_all_succeed(lab, proxy, log):
+    # Eight requests on one connection, each head sent in three parts 0.25 s apart: every head
+    # is complete well within `header` (2 s), all of them take 6 s.
+    result = client(lab, KEEP_ALIVE_TRICKLED_HEADS, 8, 0.25)
+    assert result["statuses"] == ["200"] * 8, result
+
+
+SLOW_UPLOADER = r"""
+n, rate = int(sys.argv[1]), float(sys.argv[2])
+s = socket.create_connection((ORIGIN_IP, ORIGIN_PORT), timeout=20)
+s.sendall(b"POST /sha256 HTTP/1.1\r\nHost: origin\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % n)
+digest, sent, t0 = hashlib.sha256(), 0, time.monotonic()
+while sent < n:
+    piece = bytes([sent // 65536 % 256]) * min(65536, n - sent)
+    s.sendall(piece)
+    digest.update(piece)
+    sent += len(piece)
+    ahead = sent / rate - (time.monotonic() - t0)
+    if ahead > 0:
+        time.sleep(ahead)
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+head, _, payload = data.partition(b"\r\n\r\n")
+print(json.dumps({"head": head.decode("latin-1"), "body": payload.decode("latin-1"),
+                  "sha256": digest.hexdigest(), "seconds": time.monotonic() - t0}))
+"""
+
+
+def test_streamed_upload_slower_than_idle_in_sum_completes(lab, proxy, log):
+    # A 3 MiB upload (streamed: over stream_large_bodies) at 500 KB/s: 6 s of reading from the
+    # client, each wait a fraction of `idle`.
+    n = 3 * MIB
+    result = client(lab, SLOW_UPLOADER, n, 500_000)
+    assert result["head"].startswith("HTTP/1.1 200"), result
+    seen = json.loads(result["body"])
+    assert (seen["sha256"], seen["bytes"]) == (result["sha256"], n), seen
+    assert result["seconds"] > 2 * IDLE
+
+
+def test_upload_to_an_origin_still_reading_it_slowly_is_not_cut_at_idle(lab, proxy, log, rawserver, tmp_path):
+    # The origin reads a 4 MiB upload 256 KiB every 0.5 s (8 s in all) and answers when it has
+    # it all.  The kernel buffers take the whole body within a second, so the proxy's last
+    # write is long before the origin's last read; from then on it waits for a response head
+    # and answers 504 after `idle`, while the origin is steadily reading the request (here at
+    # ~3 s; with the default 60 s, any origin slower than ~150 KB/s at the end of an upload).
+    # `timeouts.idle` is documented as "no progress in either direction": the send queue still
+    # draining (SIOCOUTQ) is progress.  (nginx's proxy_read_timeout behaves like Sluice here:
+    # a judgement call, but a 504 for an origin that is reading is wrong for its user.)
+    n, piece = 4 * MIB, 256 * KIB
+    steps = [raw.recv_until()]
+    for _ in range(n // piece):
+        steps += [raw.recv(piece, timeout=10), raw.sleep(0.5)]
+    server = rawserver(steps + [raw.send(OK)], idle_timeout=20)
+    rc, status, port, seconds = curl_code(lab, ["--data-binary", big_upload(tmp_path, n), "-H", "Expect:",
+                                                "http://%s/up" % RAW_DST], timeout=40)
+    assert (rc, status) == (0, 200), (rc, status, seconds)
+    assert seconds > 2 * IDLE
+    assert server.received(0).endswith(b"u" * 1000)
+
+
+SLOW_BUFFERED_READER = r"""
+rate = float(sys.argv[1])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+s.settimeout(10)
+s.connect((ORIGIN_IP, ORIGIN_PORT))
+s.sendall(b"GET /bytes?n=900000 HTTP/1.1\r\nHost: origin\r\nConnection: close\r\n\r\n")
+data, t0 = b"", time.monotonic()
+while chunk := s.recv(4096):
+    data += chunk
+    ahead = len(data) / rate - (time.monotonic() - t0)
+    if ahead > 0:
+        time.sleep(ahead)
+head, _, payload = data.partition(b"\r\n\r\n")
+print(json.dumps({"head": head.decode("latin-1"), "n": len(payload), "seconds": time.monotonic() - t0}))
+"""
+
+
+def test_client_reading_a_buffered_response_slowly_gets_it_all(lab, proxy, log):
+    # A buffered response (900 KB, one sendall) to a client reading 150 KB/s: 6 s of writing.
+    result = client(lab, SLOW_BUFFERED_READER, 150_000)
+    assert result["head"].startswith("HTTP/1.1 200") and result["n"] == 900_000, result
+    assert result["seconds"] > 2 * IDLE
