@@ -22,7 +22,7 @@ import pytest
 
 from tests.integration.conftest import Sluice
 from tests.integration.rawclient import (LogView, assert_error_reply, exchange, origin_got_nothing, pause,
-                                         read_until, send)
+                                         read_until, send, wait_for)
 from tests.lab import rawserver as raw
 from tests.lab.netns import DUPLEX_PORT, GATEWAY_IP, ORIGIN_IP, ORIGIN_PORT, RAW_PORT
 
@@ -633,3 +633,423 @@ def test_client_reading_a_buffered_response_slowly_gets_it_all(lab, proxy, log):
     result = client(lab, SLOW_BUFFERED_READER, 150_000)
     assert result["head"].startswith("HTTP/1.1 200") and result["n"] == 900_000, result
     assert result["seconds"] > 2 * IDLE
+
+
+# -- early and late answers, closes and resets at every stage ----------------------------------
+
+FORBIDDEN = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\n\r\nno way\n"
+
+
+@pytest.mark.parametrize("script", [
+    pytest.param([raw.send(FORBIDDEN), raw.recv_all(timeout=10)], id="then-keeps-reading"),
+    pytest.param([raw.recv(100_000), raw.send(FORBIDDEN), raw.close()], id="mid-body-then-close"),
+    pytest.param([raw.send(FORBIDDEN), raw.reset()], id="then-reset"),
+    pytest.param([raw.send(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"), raw.sleep(0.3),
+                  raw.send(FORBIDDEN), raw.sleep(10)], id="after-a-103"),
+])
+def test_early_refusal_reaches_the_client_whatever_the_origin_does_next(lab, proxy, log, rawserver, tmp_path,
+                                                                        script):
+    # A 20 MiB upload (streamed) refused by the origin before it is done; the origin then keeps
+    # reading, closes (an RST: the body keeps coming), resets at once, or sent a 103 first.
+    rawserver([raw.recv_until(), *script], idle_timeout=15)
+    rc, out, err = lab.curl(["-o", "-", "-w", "\n%{http_code}", "--data-binary", big_upload(tmp_path, 20 * MIB),
+                             "-H", "Expect:", "http://%s/up" % RAW_DST], timeout=20)
+    payload, _, status = out.rpartition(b"\n")
+    assert (status, payload) == (b"403", b"no way\n"), (rc, out[-300:], err)
+
+
+EXPECTING = b"POST /up HTTP/1.1\r\nHost: o\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n"
+
+
+def test_expect_answered_417_forwards_the_417_and_never_the_body(lab, proxy, log, rawserver):
+    server = rawserver([raw.recv_until(), raw.send(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n"),
+                        raw.recv_all(timeout=5)])
+    reply = exchange(lab, [send(EXPECTING), read_until(b"\r\n\r\n"), send(b"0123456789")], read_timeout=4)
+    assert reply.data.startswith(b"HTTP/1.1 417 "), reply.data
+    assert reply.data.count(b"HTTP/1.1") == 1, reply.data
+    time.sleep(0.3)
+    assert server.received(0).endswith(b"\r\n\r\n"), server.received(0)
+
+
+def test_expect_met_with_silence_sends_the_body_after_a_short_wait(lab, proxy, log, rawserver):
+    # An origin that ignores Expect (HTTP/1.0 style): the proxy waits about a second, as curl
+    # does, then sends the body; the client, which also gave up waiting, is not stuck.
+    server = rawserver([raw.recv_until(), raw.recv(10), raw.send(OK)])
+    t0 = time.monotonic()
+    reply = exchange(lab, [send(EXPECTING), pause(1.2), send(b"0123456789")], read_timeout=4)
+    assert reply.data.startswith(b"HTTP/1.1 200 "), reply.data
+    assert b"100 Continue" not in reply.data
+    assert server.received(0).endswith(b"\r\n\r\n0123456789")
+    assert time.monotonic() - t0 < 3 + 4
+
+
+@pytest.mark.parametrize("stage", ["waiting-for-the-response", "mid-response"])
+def test_client_reset_at_any_stage_costs_one_log_line_and_nothing_else(lab, proxy, log, stage):
+    # The client resets while the origin is still thinking (/delay), or while a streamed
+    # response is under way: the proxy notices when it writes, logs one line, stays up.
+    if stage == "waiting-for-the-response":
+        steps = [send(b"GET /delay?s=0.8 HTTP/1.1\r\nHost: o\r\n\r\n"), pause(0.2), ("reset", None)]
+    else:
+        steps = [send(b"GET /bytes?n=%d&pause_after=%d&pause=1 HTTP/1.1\r\nHost: o\r\n\r\n" % (4 * MIB, 2 * MIB)),
+                 read_until(b"\r\n\r\n"), ("reset", None)]
+    reply = exchange(lab, steps, port=ORIGIN_PORT)
+    assert reply.step_error is None, reply
+    time.sleep(1.5)
+    lines = log.lines_for(reply.local_port, "%s:%d" % (ORIGIN_IP, ORIGIN_PORT))
+    assert len(lines) <= 1, lines
+    rc, out, err = lab.curl(["http://%s:%d/bytes?n=10" % (ORIGIN_IP, ORIGIN_PORT)])
+    assert rc == 0 and len(out) == 10
+
+
+# -- both directions at once --------------------------------------------------------------------
+
+HALF_CLOSER = r"""
+n, how = int(sys.argv[1]), sys.argv[2]
+s = socket.create_connection((GATEWAY_IP, 3128) if how == "connect" else (ORIGIN_IP, RAW_PORT), timeout=10)
+if how == "connect":
+    s.sendall(b"CONNECT %s:%d HTTP/1.1\r\nHost: x\r\n\r\n" % (ORIGIN_IP.encode(), RAW_PORT))
+else:
+    s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+              b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+data = b""
+while b"\r\n\r\n" not in data:
+    data += s.recv(1)
+s.sendall(b"c" * n)
+s.shutdown(socket.SHUT_WR)
+got = b""
+while chunk := s.recv(65536):
+    got += chunk
+print(json.dumps({"head": data.decode("latin-1"), "got": len(got), "only_s": got.count(b"s") == len(got)}))
+"""
+
+
+@pytest.mark.parametrize("how", ["connect", "upgrade"])
+def test_tunnel_half_close_still_delivers_both_directions(lab, proxy, log, rawserver, how):
+    # The client sends 256 KiB and half-closes while the origin sends its 256 KiB; the origin
+    # closes only after it has read everything.  Both sides get every byte.
+    n = 256 * KIB
+    first = [] if how == "connect" else [raw.recv_until(), raw.send(UPGRADED)]
+    server = rawserver(first + [raw.send(b"s" * n), raw.recv(n, timeout=10), raw.close()])
+    result = client(lab, HALF_CLOSER, n, how)
+    assert result["got"] == n and result["only_s"], result
+    assert server.result(0, timeout=5)["error"] is None
+    assert server.received(0).endswith(b"c" * n)
+
+
+PIPELINER = r"""
+requests = [b"GET /bytes?n=%d HTTP/1.1\r\nHost: o\r\n\r\n" % (3 << 20),
+            b"GET /chunked?n=100000&chunk=999 HTTP/1.1\r\nHost: o\r\n\r\n",
+            b"HEAD /bytes?n=77 HTTP/1.1\r\nHost: o\r\n\r\n",
+            b"GET /bytes?n=10 HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n"]
+s = socket.create_connection((ORIGIN_IP, ORIGIN_PORT), timeout=10)
+s.sendall(b"".join(requests))
+data = b""
+while chunk := s.recv(1 << 20):
+    data += chunk
+out = []
+for method in ("GET", "GET", "HEAD", "GET"):
+    head, _, data = data.partition(b"\r\n\r\n")
+    fields = dict(l.split(b": ", 1) for l in head.split(b"\r\n")[1:])
+    if method == "HEAD":
+        out.append([head.split(b" ")[1].decode(), int(fields[b"Content-Length"]), ""])
+    elif b"Content-Length" in fields:
+        n = int(fields[b"Content-Length"])
+        out.append([head.split(b" ")[1].decode(), n, hashlib.sha256(data[:n]).hexdigest()])
+        data = data[n:]
+    else:
+        body = b""
+        while True:
+            line, _, data = data.partition(b"\r\n")
+            size = int(line.split(b";")[0], 16)
+            if not size:
+                data = data.partition(b"\r\n")[2]
+                break
+            body, data = body + data[:size], data[size + 2:]
+        out.append([head.split(b" ")[1].decode(), len(body), hashlib.sha256(body).hexdigest()])
+print(json.dumps({"responses": out, "left": len(data)}))
+"""
+
+
+def test_pipelined_requests_while_a_response_streams_are_answered_in_order(lab, proxy, log):
+    # Four requests in one write: a 3 MiB response (streamed), a chunked one, a HEAD with a
+    # Content-Length, and a last one; the later requests wait in the parser while the first
+    # response streams.  Every answer comes, in order, with the right bytes.
+    from tests.lab.origin import body_sha256
+    result = client(lab, PIPELINER)
+    assert result["responses"] == [["200", 3 * MIB, body_sha256(3 * MIB)], ["200", 100000, body_sha256(100000)],
+                                   ["200", 77, ""], ["200", 10, body_sha256(10)]], result
+    assert result["left"] == 0, result
+
+
+# -- odd but valid HTTP -----------------------------------------------------------------------
+
+def echo(lab, request: bytes) -> dict:
+    reply = exchange(lab, [send(request)], port=ORIGIN_PORT, read_timeout=4)
+    status, _, payload, _ = reply.parse()
+    assert status == 200, reply.data[:500]
+    return json.loads(payload)
+
+
+def test_many_informational_responses_before_the_final_one_all_reach_the_client(lab, proxy, log, rawserver):
+    hints = b"".join(b"HTTP/1.1 103 Early Hints\r\nLink: </s%d.css>; rel=preload\r\n\r\n" % i for i in range(20))
+    rawserver([raw.recv_until(), raw.send(hints), raw.sleep(0.2), raw.send(OK)])
+    reply = exchange(lab, [send(b"GET / HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")], read_timeout=4)
+    assert reply.data.count(b"HTTP/1.1 103 ") == 20, reply.data[:500]
+    assert reply.data.count(b"</s19.css>") == 1 and reply.data.endswith(b"\r\n\r\nok"), reply.data[-300:]
+
+
+def test_long_legal_head_with_the_most_fields_allowed_is_forwarded_whole(lab, proxy, log):
+    # 97 fields of ~600 bytes (a 60 KiB head, under the 64 KiB limit; with Host and Connection,
+    # 99 fields): every one reaches the origin, in order, byte for byte.
+    fields = [(b"X-F%02d" % i, b"v%02d-" % i + b"x" * 630) for i in range(97)]
+    head = b"GET /echo HTTP/1.1\r\nHost: o\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in fields) + \
+        b"Connection: close\r\n\r\n"
+    assert 58 * KIB < len(head) < 63 * KIB
+    seen = echo(lab, head)
+    got = [(k.encode(), v.encode()) for k, v in seen["headers"] if k.startswith("X-F")]
+    assert got == fields
+
+
+@pytest.mark.parametrize("request_bytes, framing", [
+    (b"POST /echo HTTP/1.1\r\nHost: o\r\nContent-Length: 0\r\n\r\n", "length"),
+    (b"POST /echo HTTP/1.1\r\nHost: o\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "chunked"),
+    (b"GET /echo HTTP/1.1\r\nHost: o\r\nContent-Length: 5\r\n\r\nhello", "length"),
+    (b"DELETE /echo HTTP/1.1\r\nHost: o\r\nTransfer-Encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n0\r\nX-T: 1\r\n\r\n",
+     "chunked"),
+    (b"OPTIONS /echo HTTP/1.0\r\nHost: o\r\nContent-Length: 5\r\n\r\nhello", "length"),
+], ids=["empty-length", "empty-chunked", "get-with-body", "delete-chunked-trailers", "options-http10-body"])
+def test_methods_with_and_without_bodies_reach_the_origin_intact(lab, proxy, log, request_bytes, framing):
+    import hashlib
+    payload = b"hello" if b"hello" in request_bytes else b""
+    first = b"%s\r\nConnection: close\r\n\r\n" % request_bytes.partition(b"\r\n\r\n")[0]
+    seen = echo(lab, first + request_bytes.partition(b"\r\n\r\n")[2])
+    assert (seen["framing"], seen["body_bytes"], seen["body_sha256"]) == (
+        framing, len(payload), hashlib.sha256(payload).hexdigest()), seen
+    assert seen["version"] == "HTTP/1.1"
+
+
+@pytest.mark.parametrize("response", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 1234\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",   # to a HEAD
+], ids=["length-0", "chunked-empty", "304-with-length", "head-with-length"])
+def test_empty_responses_keep_the_connection_usable(lab, proxy, log, rawserver, response):
+    method = b"HEAD" if b"1234" in response and b"304" not in response else b"GET"
+    rawserver([raw.recv_until(), raw.send(response), raw.recv_until(), raw.send(OK)])
+    reply = exchange(lab, [send(b"%s /a HTTP/1.1\r\nHost: o\r\n\r\n" % method), read_until(b"\r\n\r\n"), pause(0.3),
+                           send(b"GET /b HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")], read_timeout=3)
+    first, _, rest = reply.data.partition(b"\r\n\r\n")
+    assert first.split(b"\r\n")[0] == response.split(b"\r\n")[0], reply.data
+    if b"1234" in response:
+        assert b"\r\nContent-Length: 1234" in first, first
+    if b"chunked" in response:
+        assert rest.startswith(b"0\r\n\r\n"), rest
+        rest = rest[5:]
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b"\r\n\r\nok"), reply.data
+
+
+def test_close_delimited_responses_to_an_http11_client(lab, proxy, log):
+    # Small: buffered and re-framed with a Content-Length, the client connection stays
+    # usable; large: streamed, closed at the end, every byte there.
+    from tests.lab.origin import body_sha256
+    small = "http://%s:%d/close?n=1000" % (ORIGIN_IP, ORIGIN_PORT)
+    rc, out, err = lab.curl(["-o", "/dev/null", "-w", "%{http_code} %{num_connects} %{size_download}\n",
+                             small, "-o", "/dev/null", small])
+    assert (rc, out.split()) == (0, [b"200", b"1", b"1000", b"200", b"0", b"1000"]), (rc, out, err)
+    n = 3 * MIB
+    rc, digest, count, err = lab.curl_sha256(["-o", "-", "http://%s:%d/close?n=%d" % (ORIGIN_IP, ORIGIN_PORT, n)])
+    assert (rc, count, digest) == (0, n, body_sha256(n)), err
+
+
+def test_ipv6_targets_in_regular_mode(lab, proxy, log, test_origin):
+    from tests.lab.netns import ORIGIN_IP6
+    authority = b"[%s]:%d" % (ORIGIN_IP6.encode(), ORIGIN_PORT)
+    reply = regular(lab, b"GET http://%s/echo HTTP/1.0\r\n\r\n" % authority)
+    status, _, payload, _ = reply.parse()
+    assert status == 200, reply.data[:300]
+    seen = json.loads(payload)
+    assert ["Host", authority.decode()] in seen["headers"] and seen["local"][0] == ORIGIN_IP6, seen
+    tunnel = client(lab, r"""
+s = socket.create_connection((GATEWAY_IP, 3128), timeout=5)
+s.sendall(b"CONNECT [%s]:%d HTTP/1.1\r\nHost: x\r\n\r\nGET /bytes?n=5 HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n"
+          % (ORIGIN_IP6.encode(), ORIGIN_PORT))
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+print(json.dumps({"data": data.decode("latin-1")}))
+""")
+    assert tunnel["data"].startswith("HTTP/1.1 200 Connection established\r\n\r\nHTTP/1.1 200 OK"), tunnel
+
+
+def test_options_asterisk_in_regular_mode_is_forwarded_as_asterisk(lab, proxy, log, rawserver):
+    server = rawserver([raw.recv_until(), raw.send(OK)])
+    reply = regular(lab, b"OPTIONS * HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % RAW_DST.encode())
+    assert reply.data.startswith(b"HTTP/1.1 200 "), reply.data[:300]
+    assert server.received(0).startswith(b"OPTIONS * HTTP/1.1\r\nHost: %s\r\n" % RAW_DST.encode())
+
+
+def test_streamed_chunked_response_keeps_extensions_and_trailers_verbatim(lab, proxy, log, rawserver):
+    # 2 MiB in 64 KiB chunks, each with an extension, then trailers: over stream_large_bodies,
+    # so the first MiB is buffered and the rest streamed; the client gets the origin's bytes.
+    wire = b"".join(b"10000;i=%d;q=\"a b\"\r\n%s\r\n" % (i, bytes([65 + i % 26]) * 65536) for i in range(32))
+    wire += b"0;end=1\r\nX-Sum: 42\r\nX-More: yes\r\n\r\n"
+    rawserver([raw.recv_until(), raw.send(CHUNKED_HEAD + wire)])
+    reply = exchange(lab, [send(b"GET / HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")], read_timeout=5)
+    head, _, rest = reply.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+    assert rest == wire
+
+
+# -- loops, limits, drain, workers, memory ------------------------------------------------------
+
+@pytest.mark.parametrize("request_bytes", [
+    b"CONNECT localhost:3128 HTTP/1.1\r\nHost: localhost:3128\r\n\r\n",
+    b"GET http://0.0.0.0:3128/ HTTP/1.1\r\nHost: 0.0.0.0:3128\r\n\r\n",
+    b"GET http://[::ffff:127.0.0.1]:3128/ HTTP/1.1\r\nHost: [::ffff:127.0.0.1]:3128\r\n\r\n",
+    b"GET http://%s:8080/ HTTP/1.1\r\nHost: %s:8080\r\n\r\n" % (GATEWAY_IP.encode(), GATEWAY_IP.encode()),
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.2:3128\r\n\r\n",
+], ids=["connect-localhost", "unspecified", "v4-mapped", "transparent-port", "origin-form-host"])
+def test_regular_mode_targets_that_lead_back_to_the_proxy_are_refused_once(lab, proxy, log, request_bytes):
+    before = proxy.log().count(" -> ")
+    reply = regular(lab, request_bytes)
+    assert reply.parse()[0] == 508, reply.data[:300]
+    time.sleep(0.5)
+    assert proxy.log().count(" -> ") - before == 1, log.text()[-2000:]
+
+
+SLOWLORIS = r"""
+n, seconds = int(sys.argv[1]), float(sys.argv[2])
+socks = []
+for i in range(n):
+    s = socket.create_connection((ORIGIN_IP, ORIGIN_PORT), timeout=10)
+    s.sendall(b"GET / HTTP/1.1\r\n")
+    socks.append(s)
+print("HOLDING", flush=True)
+t0 = time.monotonic()
+while time.monotonic() - t0 < seconds:
+    for s in socks:
+        try:
+            s.sendall(b"X-a: b\r\n")
+        except OSError:
+            pass
+    time.sleep(0.5)
+"""
+
+
+def test_slowloris_holding_every_connection_slot_delays_others_by_at_most_the_header_timeout(lab, sluice):
+    # max_connections: 4, all four taken by clients trickling a head forever; a fifth client
+    # waits in the backlog until the header timeout (2 s) frees a slot, and is then served.
+    own_proxy(sluice, 8094, (ORIGIN_PORT,), limits={"max_connections": 4})
+    proc = lab.client.popen([sys.executable, "-c", lab.python_preamble() + "sys.argv[1:] = ['4', '8']\n" + SLOWLORIS],
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"HOLDING"
+        time.sleep(0.3)
+        rc, status, port, seconds = curl_code(lab, ["http://%s:%d/bytes?n=10" % (ORIGIN_IP, ORIGIN_PORT)], timeout=15)
+        assert (rc, status) == (0, 200)
+        assert seconds < 2 + 3, seconds
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+DRAIN_CLIENTS = r"""
+import json, threading
+out = {}
+def read_response(s, n):
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < n:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+def closed_when(s):
+    try:
+        return [s.recv(1).decode(), time.monotonic()]
+    except OSError as exc:
+        return [repr(exc), time.monotonic()]
+def idle_keep_alive():
+    s = socket.create_connection((ORIGIN_IP, ORIGIN_PORT), timeout=10)
+    s.sendall(b"GET /bytes?n=10 HTTP/1.1\r\nHost: o\r\n\r\n")
+    read_response(s, 10)
+    out["idle"] = closed_when(s)
+def never_spoke():
+    s = socket.create_connection((ORIGIN_IP, ORIGIN_PORT), timeout=10)
+    out["silent"] = closed_when(s)
+def downloading():
+    s = socket.create_connection((ORIGIN_IP, ORIGIN_PORT), timeout=10)
+    s.sendall(b"GET /bytes?n=%d&pause_after=%d&pause=1.5 HTTP/1.1\r\nHost: o\r\n\r\n" % (3 << 20, 2 << 20))
+    data = read_response(s, 3 << 20)
+    out["download"] = [len(data.partition(b"\r\n\r\n")[2]), closed_when(s)[0]]
+threads = [threading.Thread(target=f) for f in (idle_keep_alive, never_spoke, downloading)]
+for t in threads:
+    t.start()
+time.sleep(0.8)
+print("READY %.3f" % time.monotonic(), flush=True)
+for t in threads:
+    t.join(20)
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_drain_closes_idle_connections_at_once_and_finishes_a_download(lab, sluice):
+    # SIGTERM with three clients: one idle after its response (keep-alive), one that never
+    # sent a byte, one in the middle of a download the origin pauses for 1.5 s.  The first two
+    # are closed at once; the download finishes whole; the proxy exits before timeouts.drain.
+    handle = own_proxy(sluice, 8095, (ORIGIN_PORT,), timeouts={"idle": "10s", "header": "10s", "drain": "8s"})
+    proc = lab.client.popen([sys.executable, "-c", lab.python_preamble() + DRAIN_CLIENTS], stdout=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline().split()
+        assert line[0] == b"READY", line
+        t0 = time.monotonic()
+        assert handle.stop(signal.SIGTERM, timeout=15) == 0
+        exit_after = time.monotonic() - t0
+        result = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait(5)
+    sigterm = float(line[1])      # the client's clock (same host, same monotonic clock)
+    assert result["idle"][0] == "" and result["idle"][1] - sigterm < 1.5, result
+    assert result["silent"][0] == "" and result["silent"][1] - sigterm < 1.5, result
+    assert result["download"] == [3 * MIB, ""], result     # whole, then closed
+    assert exit_after < 6 and not handle.killed, exit_after
+
+
+def test_two_workers_finish_parallel_downloads_across_a_sigterm(lab, sluice, tmp_path):
+    import hashlib
+    from tests.lab.origin import body_sha256
+    handle = own_proxy(sluice, 8096, (ORIGIN_PORT,), workers=2, timeouts={"drain": "10s", "idle": "10s"})
+    url = "http://%s:%d/bytes?n=%d&pause_after=%d&pause=1" % (ORIGIN_IP, ORIGIN_PORT, 4 * MIB, MIB)
+    outs = [tmp_path / ("download-%d.bin" % i) for i in range(6)]
+    procs = [lab.client.popen(["curl", "-sS", "--noproxy", "*", "--max-time", "20", "-o", out, url])
+             for out in outs]
+    try:
+        wait_for(lambda: all(out.exists() and out.stat().st_size > 0 for out in outs), 10, "every download")
+        assert handle.stop(signal.SIGTERM, timeout=15) == 0
+        for proc, out in zip(procs, outs):
+            assert proc.wait(20) == 0
+            assert hashlib.sha256(out.read_bytes()).hexdigest() == body_sha256(4 * MIB)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    assert "Traceback" not in handle.log()
+
+
+def test_streamed_chunked_download_of_small_chunks_holds_constant_memory(lab, sluice):
+    # 256 MiB in 4 KiB chunks (65,536 of them), streamed after the first MiB: peak memory must
+    # not follow the body.
+    from tests.lab.origin import body_sha256
+    handle = own_proxy(sluice, 8097, (ORIGIN_PORT,))
+    url = "http://%s:%d/chunked?n=%%d&chunk=4096" % (ORIGIN_IP, ORIGIN_PORT)
+    rc, digest, count, err = lab.curl_sha256(["-o", "-", url % (4 * MIB)])
+    assert rc == 0, err
+    before = handle.peak_rss_kib()
+    n = 256 * MIB
+    rc, digest, count, err = lab.curl_sha256(["-o", "-", url % n], timeout=120)
+    assert (rc, count, digest) == (0, n, body_sha256(n)), err
+    grown = handle.peak_rss_kib() - before
+    assert grown < 24 * 1024, "peak memory grew by %d MiB" % (grown // 1024)
