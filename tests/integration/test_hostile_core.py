@@ -140,6 +140,22 @@ def test_buffered_chunked_body_of_tiny_chunks_holds_memory_bounded_by_its_wire_s
     assert "Traceback" not in handle.log()
 
 
+
+def test_buffered_chunked_response_of_tiny_chunks_holds_memory_bounded_by_its_wire_size(lab, sluice, rawserver):
+    # The same from an origin: 400,000 one-byte chunks (2.4 MB on the wire, 400 KB of data,
+    # buffered) cost the proxy over 100 MiB (body.py _buffer keeps one Data per chunk).
+    handle = own_proxy(sluice, 8091, (RAW_PORT,))
+    n = 400_000
+    wire = CHUNKED_HEAD.replace(b"Trailer: X-Sum\r\n", b"") + b"1\r\nX\r\n" * n + b"0\r\n\r\n"
+    rawserver({"connections": [[raw.recv_until(), raw.send(OK)], [raw.recv_until(), raw.send(wire)]]})
+    warm = exchange(lab, [send(b"GET /warm HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")])
+    assert warm.data.startswith(b"HTTP/1.1 200"), warm
+    before = handle.peak_rss_kib()
+    reply = exchange(lab, [send(b"GET / HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")], read_timeout=30)
+    grown = handle.peak_rss_kib() - before
+    assert reply.data.startswith(b"HTTP/1.1 200") and reply.data.endswith(b"0\r\n\r\n"), reply.data[:300]
+    assert grown < 24 * 1024, "the proxy's peak memory grew by %d MiB for %d bytes of body" % (grown // 1024, n)
+
 # == tunnels: the idle rule counts progress in either direction ====================================
 
 SLOW_TUNNEL_READER = r"""
@@ -1089,3 +1105,52 @@ def test_streamed_response_end_is_not_held_back_by_splice_more(lab, proxy, log, 
     assert len(gaps) == 4 and min(gaps) > 0.08, gaps
     assert max(gaps) < 0.25, "the last byte came %s s after the rest (the origin waited 0.1 s)" % [
         round(g, 3) for g in gaps]
+
+
+# == descriptors ================================================================================
+
+MANY_KEEP_ALIVE = r"""
+n = int(sys.argv[1])
+socks, statuses = [], []
+for i in range(n):
+    s = socket.create_connection((ORIGIN_IP, ORIGIN_PORT), timeout=20)
+    s.sendall(b"GET /bytes?n=10 HTTP/1.1\r\nHost: o\r\n\r\n")
+    socks.append(s)
+for s in socks:            # each stays open (keep-alive) after its answer, until the proxy closes it
+    try:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        statuses.append(data.split(b" ", 2)[1].decode() if data else "closed")
+    except OSError as exc:
+        statuses.append(type(exc).__name__)
+print(json.dumps({"statuses": statuses}))
+"""
+
+
+def test_more_connections_than_descriptors_allow_wait_instead_of_failing(lab, tmp_path):
+    # limits.max_connections defaults to 4096, but each proxied connection costs two
+    # descriptors (three or four while a body is spliced) and systemd gives a service a soft
+    # RLIMIT_NOFILE of 1024 (the unit sets no LimitNOFILE, and its @resources filter forbids
+    # raising it): from ~450 connections on, upstream sockets fail ("502 cannot connect ...
+    # Too many open files", the proxy's own shortage blamed on the origin) and accept() fails
+    # with EMFILE, which gevent's StreamServer prints as a traceback every second while new
+    # clients hang.  Here the same under `prlimit --nofile=128`: 80 keep-alive clients (each
+    # idle after its answer, closed after `idle`) must all get their 200, the late ones after
+    # waiting in the backlog, with no 502 and no traceback.
+    config = {"listen": [{"host": "::", "port": 8099, "mode": "transparent"}], "via": PSEUDONYM,
+              "timeouts": {"idle": "%gs" % IDLE, "header": "10s"}}
+    handle = Sluice(lab, config, workdir=tmp_path / "fd", dports=(ORIGIN_PORT,))
+    handle.argv = ["prlimit", "--nofile=128:128", "--"] + handle.argv
+    try:
+        handle.start()
+        result = client(lab, MANY_KEEP_ALIVE, 80, timeout=60)
+        assert result["statuses"] == ["200"] * 80, "%s\n%s" % (
+            " ".join(result["statuses"]), "\n".join(l for l in handle.log().splitlines() if "WARNING" in l)[-1500:])
+        assert "Traceback" not in handle.log(), handle.log()[-3000:]
+        assert "Too many open files" not in handle.log()
+    finally:
+        handle.close()
