@@ -1154,3 +1154,64 @@ def test_more_connections_than_descriptors_allow_wait_instead_of_failing(lab, tm
         assert "Too many open files" not in handle.log()
     finally:
         handle.close()
+
+
+# -- more guards: half-closes, peers that stop reading ---------------------------------------------
+
+HALF_CLOSED_CLIENT = r"""
+path = sys.argv[1]
+s = socket.create_connection((ORIGIN_IP, ORIGIN_PORT), timeout=10)
+s.sendall(b"GET %s HTTP/1.1\r\nHost: o\r\n\r\n" % path.encode())
+s.shutdown(socket.SHUT_WR)
+data = b""
+while chunk := s.recv(1 << 20):
+    data += chunk
+head, _, payload = data.partition(b"\r\n\r\n")
+print(json.dumps({"head": head.decode("latin-1"), "n": len(payload),
+                  "sha256": hashlib.sha256(payload).hexdigest()}))
+"""
+
+
+@pytest.mark.parametrize("path, n", [("/bytes?n=%d" % (3 * MIB), 3 * MIB), ("/close?n=%d" % (3 * MIB), 3 * MIB),
+                                     ("/bytes?n=1000", 1000)], ids=["streamed-length", "close-delimited", "buffered"])
+def test_client_half_closed_after_its_request_gets_the_whole_response(lab, proxy, log, path, n):
+    from tests.lab.origin import body_sha256
+    result = client(lab, HALF_CLOSED_CLIENT, path)
+    assert result["head"].startswith("HTTP/1.1 200"), result
+    assert (result["n"], result["sha256"]) == (n, body_sha256(n)), result
+
+
+STOPS_READING = r"""
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+s.settimeout(15)
+s.connect((ORIGIN_IP, ORIGIN_PORT))
+s.sendall(b"GET /bytes?n=%d HTTP/1.1\r\nHost: o\r\n\r\n" % (64 << 20))
+got = 0
+while got < (1 << 20):
+    got += len(s.recv(65536))
+time.sleep(float(sys.argv[1]))          # stop reading for longer than idle
+t0 = time.monotonic()
+try:
+    while chunk := s.recv(1 << 20):
+        got += len(chunk)
+    end = "eof"
+except OSError as exc:
+    end = type(exc).__name__
+print(json.dumps({"got": got, "end": end}))
+"""
+
+
+def test_client_that_stops_reading_is_cut_after_idle_with_one_log_line(lab, proxy, log):
+    result = client(lab, STOPS_READING, 3 * IDLE)
+    assert result["got"] < 64 * MIB and result["end"] in ("eof", "ConnectionResetError"), result
+    lines = [l for l in log.text().splitlines() if "WARNING" in l]
+    assert len(lines) == 1 and "no progress" in lines[0], lines
+
+
+def test_origin_that_stops_reading_an_upload_gets_a_504_after_idle(lab, proxy, log, rawserver, tmp_path):
+    rawserver([raw.recv_until(), raw.recv(100_000), raw.sleep(10)], idle_timeout=12)
+    rc, status, port, seconds = curl_code(lab, ["--data-binary", big_upload(tmp_path, 20 * MIB), "-H", "Expect:",
+                                                "http://%s/up" % RAW_DST])
+    assert status == 504 and IDLE * 0.8 < seconds < IDLE + 3, (rc, status, seconds)
+    log.one_line(port, RAW_DST, "504")
