@@ -1216,3 +1216,29 @@ def test_origin_that_stops_reading_an_upload_gets_a_504_after_idle(lab, proxy, l
                                                 "http://%s/up" % RAW_DST])
     assert status == 504 and IDLE * 0.8 < seconds < IDLE + 3, (rc, status, seconds)
     log.one_line(port, RAW_DST, "504")
+
+
+# == the gateway's own services ==================================================================
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET http://127.0.0.1:9555/metrics HTTP/1.1\r\nHost: 127.0.0.1:9555\r\n\r\n",
+    b"GET http://localhost:9555/metrics HTTP/1.1\r\nHost: localhost:9555\r\n\r\n",
+    b"CONNECT 127.0.0.1:9555 HTTP/1.1\r\nHost: 127.0.0.1:9555\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+], ids=["absolute-form", "by-name", "connect"])
+def test_regular_mode_client_cannot_reach_services_bound_to_the_gateways_loopback(lab, proxy, log, tmp_path,
+                                                                                request_bytes):
+    # A service bound to 127.0.0.1 on the gateway (an admin or metrics endpoint, a local
+    # resolver's web UI, sshd) trusts that only the box itself can reach it.  Through the
+    # regular listener any LAN client can: the loop guard refuses only Sluice's own ports.
+    # Squid's default config denies this ("http_access deny to_localhost").  Refuse (403 or
+    # another 4xx) and connect to nothing.
+    local = raw.RawServer(lab.gateway, [raw.recv_until(), raw.send(OK)], port=9555, host="127.0.0.1",
+                          workdir=tmp_path)
+    local.start()
+    try:
+        reply = regular(lab, request_bytes, read_timeout=3)
+        assert 400 <= reply.parse()[0] < 500, reply.data[:300]
+        time.sleep(0.3)
+        assert local.connections() == 0, local.received(0)
+    finally:
+        local.stop()
