@@ -12,6 +12,7 @@ closer than a second or so, and every loop is bounded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -24,7 +25,8 @@ from tests.integration.conftest import Sluice
 from tests.integration.rawclient import (LogView, assert_error_reply, exchange, origin_got_nothing, pause,
                                          read_until, send, wait_for)
 from tests.lab import rawserver as raw
-from tests.lab.netns import DUPLEX_PORT, GATEWAY_IP, ORIGIN_IP, ORIGIN_PORT, RAW_PORT
+from tests.lab.netns import DUPLEX_PORT, GATEWAY_IP, ORIGIN_IP, ORIGIN_IP6, ORIGIN_PORT, RAW_PORT
+from tests.lab.origin import body_sha256
 
 KIB, MIB = 1 << 10, 1 << 20
 IDLE = 2.0
@@ -791,7 +793,6 @@ def test_pipelined_requests_while_a_response_streams_are_answered_in_order(lab, 
     # Four requests in one write: a 3 MiB response (streamed), a chunked one, a HEAD with a
     # Content-Length, and a last one; the later requests wait in the parser while the first
     # response streams.  Every answer comes, in order, with the right bytes.
-    from tests.lab.origin import body_sha256
     result = client(lab, PIPELINER)
     assert result["responses"] == [["200", 3 * MIB, body_sha256(3 * MIB)], ["200", 100000, body_sha256(100000)],
                                    ["200", 77, ""], ["200", 10, body_sha256(10)]], result
@@ -836,7 +837,6 @@ def test_long_legal_head_with_the_most_fields_allowed_is_forwarded_whole(lab, pr
     (b"OPTIONS /echo HTTP/1.0\r\nHost: o\r\nContent-Length: 5\r\n\r\nhello", "length"),
 ], ids=["empty-length", "empty-chunked", "get-with-body", "delete-chunked-trailers", "options-http10-body"])
 def test_methods_with_and_without_bodies_reach_the_origin_intact(lab, proxy, log, request_bytes, framing):
-    import hashlib
     payload = b"hello" if b"hello" in request_bytes else b""
     first = b"%s\r\nConnection: close\r\n\r\n" % request_bytes.partition(b"\r\n\r\n")[0]
     seen = echo(lab, first + request_bytes.partition(b"\r\n\r\n")[2])
@@ -869,7 +869,6 @@ def test_empty_responses_keep_the_connection_usable(lab, proxy, log, rawserver, 
 def test_close_delimited_responses_to_an_http11_client(lab, proxy, log):
     # Small: buffered and re-framed with a Content-Length, the client connection stays
     # usable; large: streamed, closed at the end, every byte there.
-    from tests.lab.origin import body_sha256
     small = "http://%s:%d/close?n=1000" % (ORIGIN_IP, ORIGIN_PORT)
     rc, out, err = lab.curl(["-o", "/dev/null", "-w", "%{http_code} %{num_connects} %{size_download}\n",
                              small, "-o", "/dev/null", small])
@@ -880,7 +879,6 @@ def test_close_delimited_responses_to_an_http11_client(lab, proxy, log):
 
 
 def test_ipv6_targets_in_regular_mode(lab, proxy, log, test_origin):
-    from tests.lab.netns import ORIGIN_IP6
     authority = b"[%s]:%d" % (ORIGIN_IP6.encode(), ORIGIN_PORT)
     reply = regular(lab, b"GET http://%s/echo HTTP/1.0\r\n\r\n" % authority)
     status, _, payload, _ = reply.parse()
@@ -1035,8 +1033,6 @@ def test_drain_closes_idle_connections_at_once_and_finishes_a_download(lab, slui
 
 
 def test_two_workers_finish_parallel_downloads_across_a_sigterm(lab, sluice, tmp_path):
-    import hashlib
-    from tests.lab.origin import body_sha256
     handle = own_proxy(sluice, 8096, (ORIGIN_PORT,), workers=2, timeouts={"drain": "10s", "idle": "10s"})
     url = "http://%s:%d/bytes?n=%d&pause_after=%d&pause=1" % (ORIGIN_IP, ORIGIN_PORT, 4 * MIB, MIB)
     outs = [tmp_path / ("download-%d.bin" % i) for i in range(6)]
@@ -1059,7 +1055,6 @@ def test_two_workers_finish_parallel_downloads_across_a_sigterm(lab, sluice, tmp
 def test_streamed_chunked_download_of_small_chunks_holds_constant_memory(lab, sluice):
     # 256 MiB in 4 KiB chunks (65,536 of them), streamed after the first MiB: peak memory must
     # not follow the body.
-    from tests.lab.origin import body_sha256
     handle = own_proxy(sluice, 8097, (ORIGIN_PORT,))
     url = "http://%s:%d/chunked?n=%%d&chunk=4096" % (ORIGIN_IP, ORIGIN_PORT)
     rc, digest, count, err = lab.curl_sha256(["-o", "-", url % (4 * MIB)])
@@ -1176,7 +1171,6 @@ print(json.dumps({"head": head.decode("latin-1"), "n": len(payload),
 @pytest.mark.parametrize("path, n", [("/bytes?n=%d" % (3 * MIB), 3 * MIB), ("/close?n=%d" % (3 * MIB), 3 * MIB),
                                      ("/bytes?n=1000", 1000)], ids=["streamed-length", "close-delimited", "buffered"])
 def test_client_half_closed_after_its_request_gets_the_whole_response(lab, proxy, log, path, n):
-    from tests.lab.origin import body_sha256
     result = client(lab, HALF_CLOSED_CLIENT, path)
     assert result["head"].startswith("HTTP/1.1 200"), result
     assert (result["n"], result["sha256"]) == (n, body_sha256(n)), result
