@@ -70,8 +70,9 @@ def _decision(record):
         ws = record.get("websocket") or {}
         parts.append("messages: %s" % ("stream" if ws.get("stream") else "buffer"))
         if ws.get("closed_by"):
-            parts.append("closed by %s (%s %s)" % (ws["closed_by"], ws.get("close_code"),
-                                                    ws.get("close_reason") or ""))
+            reason = ws.get("close_reason")
+            parts.append("closed by %s (%s%s)" % (ws["closed_by"], ws.get("close_code"),
+                                                   " " + reason if reason else ""))
     if record.get("rules"):
         parts.append("rules: %s" % ", ".join(record["rules"]))
     return "; ".join(parts)

@@ -89,6 +89,16 @@ class Transfer:
         raise errors.BadUpstreamResponse("response body must be buffered: %s" % text)
 
 
+def refuse_early(t):
+    """Refuse now (413) a request body that could be neither buffered nor streamed, before
+    its head goes out (an Expect: 100-continue request sends its head first)."""
+    head = t.message.head
+    if head.framing is Framing.LENGTH and head.content_length > t.limit \
+            and t.threshold is INFINITY and t.plan.force is not True \
+            and t.plan.transform is None:
+        t.too_large("%s over body_size_limit %d" % (_describe(head.content_length), t.limit))
+
+
 def _describe(size):
     return "unknown length" if size is None else "Content-Length %d" % size
 
@@ -123,27 +133,28 @@ def forward(t, head_sent=False):
         t.decided("stream", reason)
         return _stream(t, send, framing, out, [])
     cap = min(t.threshold, t.limit)
-    pieces, end = _buffer(t, cap)
+    held, end = _buffer(t, cap)
     if end is not None:
         t.decided("buffer", ("%s, %d bytes <= %s", framing.name.lower(), message.body_size,
                              t.threshold_text))
-        return _send_buffered(t, send, pieces, end, framing, out)
+        return _send_buffered(t, send, held, end, framing, out)
     if t.threshold is INFINITY:
         t.too_large("%s body over body_size_limit %d" % (framing.name.lower(), t.limit))
     t.decided("stream", ("%s, more than %d bytes", framing.name.lower(), cap))
-    return _stream(t, send, framing, out, pieces)
+    return _stream(t, send, framing, out, held)
 
 
-def _send_buffered(t, send, pieces, end, framing, out):
+def _send_buffered(t, send, held, end, framing, out):
     message = t.message
-    message.set_buffered(b"".join(p.data for p in pieces))
+    message.set_buffered(bytes(held.data))
+    held.data = None             # one copy of the body at a time
     if t.plan.on_buffered is not None:
         t.plan.on_buffered(message)
     content = message.content
     trailers = framing is Framing.CHUNKED and len(end.trailers)
     if out is Framing.CHUNKED and (not message.changed or trailers):
         # unchanged: the chunks as received; changed but with trailers: one chunk + them
-        wire = chunk(content) if message.changed else _wire(pieces, framing, out)
+        wire = chunk(content) if message.changed else _wire(held, framing, out, content)
         send(Framing.CHUNKED, None, wire + (
             end.raw if framing is Framing.CHUNKED and end.raw else b"0\r\n\r\n"))
         return Framing.CHUNKED
@@ -151,26 +162,28 @@ def _send_buffered(t, send, pieces, end, framing, out):
     return Framing.LENGTH
 
 
-def _stream(t, send, framing, out, pieces):
-    """Stream the rest (after the ``pieces`` already buffered), through the transform if the
-    plan has one."""
+def _stream(t, send, framing, out, held):
+    """Stream the rest (after what is ``held``, already buffered), through the transform if
+    the plan has one."""
     if t.plan.transform is not None:
         out = Framing.CHUNKED if t.can_chunk else Framing.CLOSE
         send(out)
+        pieces = [] if held is None or not held.data else [Data(bytes(held.data))]
         _stream_transformed(t, framing, out, pieces)
         return out
-    send(out, None, _wire(pieces, framing, out))
+    send(out, None, _wire(held, framing, out) if held is not None else b"")
     _stream_events(t, framing, out)
     return out
 
 
-def _wire(pieces, framing, out):
-    """The bytes of buffered ``pieces`` as the destination gets them."""
+def _wire(held, framing, out, content=None):
+    """The bytes of what was buffered as the destination gets them."""
+    data = held.data if content is None else content
     if out is not Framing.CHUNKED:
-        return b"".join(p.data for p in pieces)
+        return bytes(data)
     if framing is Framing.CHUNKED:
-        return b"".join(p.prefix + p.data + p.suffix for p in pieces)
-    return b"".join(chunk(p.data) for p in pieces)
+        return bytes(held.wire)
+    return chunk(bytes(data))
 
 
 def _forward_length(t, send, reason):
@@ -183,15 +196,15 @@ def _forward_length(t, send, reason):
     if reason is not None:
         t.decided("stream", reason)
         if t.plan.transform is not None:
-            return _stream(t, send, Framing.LENGTH, None, [])
+            return _stream(t, send, Framing.LENGTH, None, None)
         send(Framing.LENGTH, size)
         _stream_length(t)
         return Framing.LENGTH
     if size > t.limit:
         t.too_large("%s over body_size_limit %d" % (_describe(size), t.limit))
     t.decided("buffer", ("Content-Length %d <= %s", size, t.threshold_text))
-    pieces, end = _buffer(t, INFINITY)
-    return _send_buffered(t, send, pieces, end, Framing.LENGTH, Framing.LENGTH)
+    held, end = _buffer(t, INFINITY)
+    return _send_buffered(t, send, held, end, Framing.LENGTH, Framing.LENGTH)
 
 
 def _stream_reason(t, head):
@@ -229,23 +242,44 @@ def expect_end(t):
         raise AssertionError("expected end of message, got %r" % (event,))
 
 
+class _Held:
+    """A body read into memory: its data, and for a chunked body its exact wire bytes too.
+    Two bytearrays, never an object per chunk (a body of one-byte chunks would cost ~100
+    bytes of objects per byte)."""
+
+    __slots__ = ("data", "wire")
+
+    def __init__(self, chunked):
+        self.data = bytearray()
+        self.wire = bytearray() if chunked else None
+
+
 def _buffer(t, cap):
-    """Read the body into memory, at most ``cap`` bytes.  Returns (pieces, end) where end is
-    the EndOfMessage, or None when the body is longer than ``cap``."""
+    """Read the body into memory, at most ``cap`` bytes (counted on the wire, size lines
+    and extensions included, so that tiny chunks cannot make it grow past ``cap``).  Returns
+    (held, end) where end is the EndOfMessage, or None when the body is longer than
+    ``cap``."""
     message = t.message
-    pieces = []
+    held = _Held(t.message.head.framing is Framing.CHUNKED)
+    data, wire = held.data, held.wire
     total = 0
     while True:
         event = next_event(t)
         if type(event) is Data:
-            pieces.append(event)
-            total += len(event.data)
-            message.body_size = total
+            data += event.data
+            if wire is not None:
+                wire += event.prefix
+                wire += event.data
+                wire += event.suffix
+                total = len(wire)
+            else:
+                total = len(data)
+            message.body_size = len(data)
             if total > cap:
-                return pieces, None
+                return held, None
         else:
             message.trailers = event.trailers
-            return pieces, event
+            return held, event
 
 
 def _send_held(t):

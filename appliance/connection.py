@@ -21,7 +21,8 @@ import gevent
 
 from . import body, errors, heads, records, relay, tls, upstream, websocket, wsframe
 from .flow import Flow, Request, Response
-from .http1 import NEED_DATA, ConnectionClosed, Framing, RequestParser, ResponseParser
+from .http1 import (NEED_DATA, ConnectionClosed, Framing, RequestParser, ResponseParser,
+                    valid_host)
 from .http1.events import Headers, ResponseHead
 from .hooks import run_one
 from .metrics import Metrics
@@ -33,6 +34,7 @@ from .tunnel import Tunnel
 log = logging.getLogger("sluice")
 
 TLS = object()            # _read_request_head's answer for a TLS ClientHello
+IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 EXPECT_WAIT = 1.0         # seconds to wait for the origin's 100 Continue (curl waits 1 s too)
 LINGER_SECONDS = 2.0      # reading what a client still sends after its last answer
 LINGER_BYTES = 64 << 20
@@ -121,6 +123,13 @@ class ClientConnection:
         self.idle = False             # waiting for the first byte of a request
         self.hello = b""              # the first bytes, when they start a TLS ClientHello
         self.upload = self.download = None    # the current body transfers (for snapshot)
+        self.reused = False           # the origin connection was kept from an earlier request
+        self.duplex = None            # the greenlet forwarding an early 2xx response
+        self.watching = False         # the origin is watched while the request goes
+        self.head_sent = False        # this request's head went to the origin
+        self.joining = False
+        self.facts = None
+        self.upload_cut = None        # why the request body could not be sent whole
 
     def _take_policy(self):
         """The policy snapshot for what starts now (the connection, then each exchange)."""
@@ -149,8 +158,15 @@ class ClientConnection:
             if exc.peer is self.server and not self.responded:
                 self._fail(504, "no response from %s within %gs" % (
                     self._dst_text(), self.cfg.timeouts.idle))
+            elif exc.peer is self.client and not self.responded and self.flow is not None:
+                self._fail(408, "request body not complete: no progress for %gs" % (
+                    self.cfg.timeouts.idle,))
             else:
                 self._fail(None, "%s, closing" % exc)
+        except gevent.GreenletExit:
+            # killed (the drain ran out): a close-delimited response must not look complete
+            self.abort = self.responded and self.out_framing is Framing.CLOSE
+            raise
         except relay.PeerGone as exc:
             if exc.peer is self.server and not self.responded:
                 self._fail(502, "%s %s" % (self._dst_text(), exc.reason))
@@ -226,6 +242,9 @@ class ClientConnection:
         return "%s:%d" % dst if dst else "-"
 
     def _close(self):
+        if self.duplex is not None:
+            self.joining = True
+            self.duplex.kill(block=True, timeout=1)
         if self.server is not None:
             self.server.close()
         client = self.client
@@ -338,6 +357,8 @@ class ClientConnection:
         self.flow.server = dst
         if upstream.is_loop(dst, self.ctx.own_addresses, self.ctx.own_ports):
             raise errors.LoopDetected("destination %s:%d is Sluice itself (loop)" % dst)
+        if self.original_dst is None and upstream.is_local_only(dst[0]):
+            raise errors.Forbidden("destination %s:%d is this gateway's own loopback" % dst)
         return dst
 
     def _absolute_to_origin_form(self, head):
@@ -347,13 +368,18 @@ class ClientConnection:
                 scheme,))
         end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
         authority, path = rest[:end], rest[end:]
+        heads.split_authority(authority)      # a bad port is named as such
+        if not valid_host(authority) or authority.startswith(b":"):
+            raise errors.BadHost("invalid authority in target %r" % (head.target[:100],))
         host = head.headers.get(b"host")
         if host is None:
-            heads.split_authority(authority)      # a bad port is a 400 before anything
             head.headers.add(b"Host", authority)
         elif heads.split_authority(host.lower()) != heads.split_authority(authority.lower()):
             raise errors.BadHost("target authority %r differs from Host %r" % (authority, host))
-        head.target = path if path.startswith(b"/") else b"/" + path
+        if not path and head.method == b"OPTIONS":
+            head.target = b"*"          # RFC 9112 3.2.4: the server itself, not a resource
+        else:
+            head.target = path if path.startswith(b"/") else b"/" + path
 
     def _explicit_destination(self, head):
         authority = head.target if head.method == b"CONNECT" else head.headers.get(b"host", b"")
@@ -365,18 +391,34 @@ class ClientConnection:
     def _ensure_upstream(self, dst):
         if self.server is not None:
             if self.server_dst == dst and self.server_reusable and not self.server.is_stale():
+                self.reused = True
                 return
             self.server.close()
             self.server = None
+        self.reused = False
         self.server_dst = dst
         started = time.monotonic()
         sock = upstream.connect(dst, self.cfg.timeouts.connect,
-                                (self.ctx.own_addresses, self.ctx.own_ports))
+                                (self.ctx.own_addresses, self.ctx.own_ports),
+                                deny_local=self.original_dst is None)
         self.ctx.metrics.connect.observe(time.monotonic() - started)
         self.server = relay.Peer(sock, "server %s:%d" % dst, self.cfg.timeouts.idle)
         self.rparser = ResponseParser(**self.limits)
         self.server_reusable = False
         self.flow.mark("server_connected")
+
+    def _reconnect(self):
+        """A fresh connection to the same destination, for a request that has not been
+        sent yet; what holds the old one (the upload, the alarms) follows."""
+        self.server.close()
+        self.server = None
+        self._ensure_upstream(self.server_dst)
+        self.rparser.expect(self.flow.request.head.method)
+        if self.upload is not None:
+            self.upload.dst = self.server
+        if self.watching:
+            self.client.alarm = self.server.alarm = self.server
+            self.client.on_alarm = self.server.on_alarm = self._origin_spoke
 
     # --- one exchange ------------------------------------------------------------------
 
@@ -386,6 +428,7 @@ class ClientConnection:
         request = flow.request
         request.authority = heads.authority(*dst).decode("latin-1")
         facts = None if policy.rules.empty else request_facts(self.client_addr, dst, head)
+        self.facts = facts
         decision = policy.request(flow, facts)
         if decision.get("passthrough"):
             self._passthrough_after_head(dst, decision.rule("passthrough"))
@@ -400,8 +443,11 @@ class ClientConnection:
         self.server_reusable = False
         self.rparser.expect(head.method)
         self.early = None
+        self.head_sent = False
         upload = self._upload(request, policy.plan(flow, request, decision, "request"))
+        self.upload_cut = None
         if head.expect_continue and head.framing is not Framing.NONE:
+            body.refuse_early(upload)        # before the head goes: a 413 is ours to give
             self._send_request_head(head, head.framing, head.content_length)
             self.early = self._await_continue()
             complete = self.early is None and self._send_request(upload, head_sent=True)
@@ -410,22 +456,16 @@ class ClientConnection:
         complete = complete and not upload.rest_unread
         flow.mark("request_sent")
         policy.after_streamed(flow, request, "request")
-        response_head = self.early or self._read_response_head()
-        flow.mark("response_head")
-        self.ctx.metrics.response_head.observe(
-            flow.timestamps["response_head"] - flow.timestamps["request_sent"])
-        response = flow.response = Response(response_head, flow)
-        if response_head.status == 101:
-            self._websocket(head, response, facts)
+        if self.duplex is not None:        # an early 2xx: its response is already on its way
+            out_framing, download = self._join_duplex()
+            self.server_reusable = False
             return False
-        if facts is not None:
-            facts.content_type = _media_type(response_head)
-        plan = policy.plan(flow, response, policy.response(flow, facts), "response")
+        response_head = self.early or self._response_head(head)
+        if response_head.status == 101:
+            self._websocket(head, Response(response_head, flow), facts)
+            return False
         keep_client = head.keep_alive and complete and not self.ctx.draining
-        download = self._download(response, keep_client, plan)
-        out_framing = body.forward(download)
-        flow.mark("response_sent")
-        policy.after_streamed(flow, response, "response")
+        out_framing, download = self._forward_response(response_head, facts, keep_client)
         # Bytes after a complete response were never asked for: reusing the connection
         # would serve them as the answer to the next request (response queue poisoning).
         self.server_reusable = (response_head.keep_alive and complete and not download.rest_unread
@@ -433,6 +473,56 @@ class ClientConnection:
         if self.server_reusable:
             self.rparser.start_next()
         return keep_client and out_framing is not Framing.CLOSE
+
+    def _forward_response(self, response_head, facts, keep_client):
+        """Response stage: rules and hooks, then the body; (framing sent, the Transfer)."""
+        flow, policy = self.flow, self.policy
+        flow.mark("response_head")
+        self.ctx.metrics.response_head.observe(
+            flow.timestamps["response_head"] - flow.timestamps.get(
+                "request_sent", flow.timestamps["response_head"]))
+        response = flow.response = Response(response_head, flow)
+        if facts is not None:
+            facts.content_type = _media_type(response_head)
+        plan = policy.plan(flow, response, policy.response(flow, facts), "response")
+        download = self._download(response, keep_client, plan)
+        out_framing = body.forward(download)
+        flow.mark("response_sent")
+        policy.after_streamed(flow, response, "response")
+        return out_framing, download
+
+    # --- full duplex: an early 2xx while the request body still goes ---------------------
+
+    def _start_duplex(self, response_head):
+        """The origin answered 2xx before the whole request body arrived and may read the
+        rest (curl goes on sending after an early 2xx; it stops for >= 300): its response
+        goes to the client from a second greenlet while this one sends the body, so neither
+        side waits for the other (no deadlock); the client connection closes after it."""
+        main = gevent.getcurrent()
+
+        def forward():
+            try:
+                return self._forward_response(response_head, self.facts, keep_client=False)
+            except gevent.GreenletExit:
+                return None, None
+            except Exception as exc:       # handed to the connection's one place for errors
+                self.duplex_error = exc
+                if not self.joining:
+                    main.throw(exc)          # the sending side stops: the exchange failed
+                return None, None
+        self.joining = False
+        self.duplex_error = None
+        self.duplex = gevent.spawn(forward)
+
+    def _join_duplex(self):
+        self.joining = True
+        try:
+            result = self.duplex.get()
+        finally:
+            self.duplex = None
+        if self.duplex_error is not None:
+            raise self.duplex_error
+        return result
 
     def _respond(self, respond, head, rule):
         """A ``respond`` rule: Sluice answers itself; the origin is not contacted."""
@@ -461,18 +551,22 @@ class ClientConnection:
         client, server = self.client, self.server
         client.alarm = server.alarm = server
         client.on_alarm = server.on_alarm = self._origin_spoke
+        self.watching = True
         try:
             body.forward(upload, head_sent=head_sent)
         except relay.Interrupted:
-            self._log_error("origin answered before the request body was sent")
+            log.debug("flow %s: the origin answered before the request body was sent",
+                      self.flow.id)
             return False
         except relay.PeerGone as exc:
-            if exc.peer is not server:
+            if exc.peer is not self.server:
                 raise
-            self._log_error("origin stopped reading the request body: %s" % exc)
+            self.upload_cut = str(exc)    # its response may explain; if not, the 502 says it
             return False
         finally:
-            client.alarm = server.alarm = client.on_alarm = server.on_alarm = None
+            self.watching = False
+            for peer in (client, server, self.server):
+                peer.alarm = peer.on_alarm = None
         return True
 
     def _origin_spoke(self):
@@ -483,6 +577,11 @@ class ClientConnection:
         saved = client.alarm
         client.alarm = server.alarm = None       # no alarms inside the alarm
         try:
+            if not self.head_sent:
+                # The origin closed (or spoke) on a kept connection before this request went
+                # out: not an answer to it; the head's send reconnects (stale check).
+                saved = None
+                return False
             data = server.recv_nowait()
             if data is None:
                 return False
@@ -499,6 +598,10 @@ class ClientConnection:
                 if 100 <= event.status < 200 and event.status != 101:
                     self._informational(event)
                     continue
+                if 200 <= event.status < 300 and self.flow.request.head.method != b"CONNECT":
+                    self._start_duplex(event)
+                    saved = None             # no more alarms: the body goes on
+                    return False
                 self.early = event
                 return True
         finally:
@@ -514,8 +617,47 @@ class ClientConnection:
         head = self._read_response_head(forward_continue=False)
         if head.status == 100:
             self._informational(head)
-            return None
+            return self._final_if_buffered()
         return head
+
+    def _final_if_buffered(self):
+        """A final response head that came in the same read as the 100 (then the body must
+        not be sent), or None."""
+        parser = self.rparser
+        while parser.buffered:
+            try:
+                event = parser.next_event()
+            except errors.ProtocolError as exc:
+                raise errors.BadUpstreamResponse("invalid response from %s: %s" % (
+                    self._dst_text(), exc)) from exc
+            if event is NEED_DATA or type(event) is ConnectionClosed:
+                return None
+            if 100 <= event.status < 200 and event.status != 101:
+                self._informational(event)
+                continue
+            return event
+        return None
+
+    def _response_head(self, head):
+        """The final response head.  While it is awaited, a kernel that is still sending the
+        request body to a slow reader counts as progress (the origin is reading it).  A
+        reused connection that the origin closed without a byte of answer gets one retry on
+        a fresh connection, for a bodiless idempotent request (RFC 9112 9.3.1)."""
+        server = self.server
+        server.patience = server.still_sending
+        try:
+            return self._read_response_head()
+        except (errors.UpstreamClosed, relay.PeerGone) as exc:
+            if not (self.reused and head.framing is Framing.NONE and
+                    head.method in IDEMPOTENT and not self.responded):
+                raise
+            log.debug("flow %s: reused connection closed (%s): one retry", self.flow.id, exc)
+        finally:
+            server.patience = None
+        self._reconnect()
+        self.reused = False
+        self._send_request_head(head, Framing.NONE)
+        return self._read_response_head()
 
     def _read_response_head(self, forward_continue=True):
         """The final response head; informational ones go to the client as they come."""
@@ -530,8 +672,9 @@ class ClientConnection:
                 parser.receive_data(self.server.recv(wait_first=True))
                 continue
             if type(event) is ConnectionClosed:
-                raise errors.UpstreamClosed("%s closed the connection without a response" % (
-                    self._dst_text(),))
+                raise errors.UpstreamClosed("%s closed the connection without a response%s" % (
+                    self._dst_text(), " (it had stopped reading the request body: %s)" % (
+                        self.upload_cut,) if self.upload_cut else ""))
             if 100 <= event.status < 200 and event.status != 101:
                 if event.status == 100 and not forward_continue:
                     return event
@@ -547,8 +690,14 @@ class ClientConnection:
     # --- heads ------------------------------------------------------------------------
 
     def _send_request_head(self, head, framing, length=None, extra=b""):
+        if self.reused and head.framing is not Framing.NONE and self.server.is_stale():
+            # The origin closed its idle keep-alive connection while this request's body
+            # was being buffered: nothing went out yet, so a fresh connection is safe.
+            self._reconnect()
+        self.head_sent = True
         host = None if b"host" in head.headers else heads.authority(*self.server_dst)
-        fields = heads.request_fields(head, self.via, self._forwarded(), host)
+        fields = heads.request_fields(head, self.via, self._forwarded(), host,
+                                      proxy_credentials=self.listen.mode == "regular")
         data = heads.request_bytes(head, heads.framing_fields(fields, head, framing, length))
         self.server.sendall(data + extra if extra else data)
 
@@ -559,14 +708,15 @@ class ClientConnection:
         self.client.sendall(data + extra if extra else data)
 
     def _response_head_sender(self, head, keep_client):
-        version = self.flow.request.head.version
+        request_head = self.flow.request.head
+        version, head_request = request_head.version, request_head.method == b"HEAD"
 
         def send(framing, length=None, extra=b""):
             self.out_framing = framing
             fields = heads.response_fields(
                 head, version, self.via, keep_client=keep_client and framing is not Framing.CLOSE)
-            self._send_response_head(head, heads.framing_fields(fields, head, framing, length),
-                                     extra)
+            self._send_response_head(head, heads.framing_fields(fields, head, framing, length,
+                                                                head_request), extra)
         return send
 
     # --- bodies ------------------------------------------------------------------------

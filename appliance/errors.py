@@ -120,6 +120,12 @@ class ClientTimeout(SluiceError):
     status = 408
 
 
+class Forbidden(SluiceError):
+    """A destination Sluice will not reach for a client (this gateway's own loopback)."""
+
+    status = 403
+
+
 class LoopDetected(SluiceError):
     """The request would come back to Sluice: its destination (resolved) is one of Sluice's
     own listeners, or it already carries Sluice's own ``Via`` pseudonym."""

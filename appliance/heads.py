@@ -23,12 +23,17 @@ REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
            508: "Loop Detected"}
 
 
-def strip_hop_by_hop(headers):
-    """The end-to-end fields of ``headers`` (RFC 9110 7.6.1), without the framing fields."""
+_NEVER_HOP = frozenset([b"host"])      # a Connection option cannot make Host disappear
+
+
+def strip_hop_by_hop(headers, extra=()):
+    """The end-to-end fields of ``headers`` (RFC 9110 7.6.1), without the framing fields
+    (and without ``extra`` lowercased names)."""
     index = headers.index()
-    drop = _HOP_BY_HOP
+    drop = _HOP_BY_HOP.union(extra) if extra else _HOP_BY_HOP
     for value in index.get(b"connection", ()):
         drop = drop.union(token.strip(b" \t").lower() for token in value.split(b","))
+    drop = drop - _NEVER_HOP
     if drop.isdisjoint(index):
         return list(headers.fields)
     return [(k, v) for k, v in headers.fields if k.lower() not in drop]
@@ -51,14 +56,17 @@ def transfer_codings(head):
     return [c for c in (t.strip(b" \t").lower() for t in value.split(b",")) if c != b"chunked"]
 
 
-def framing_fields(fields, head, framing, length=None):
-    """Append the framing fields for ``framing`` to ``fields``."""
+def framing_fields(fields, head, framing, length=None, head_request=False):
+    """Append the framing fields for ``framing`` to ``fields``.  A message without a body
+    keeps its Content-Length only where it describes another message: a response to HEAD
+    and a 304 (never a 1xx or 204, RFC 9110 8.6)."""
     if framing is Framing.CHUNKED:
         codings = transfer_codings(head)
         fields.append((b"Transfer-Encoding", b", ".join(codings + [b"chunked"])))
     elif framing is Framing.LENGTH:
         fields.append((b"Content-Length", b"%d" % length))
-    elif framing is Framing.NONE and head.content_length is not None:
+    elif framing is Framing.NONE and head.content_length is not None and (
+            head_request or getattr(head, "status", None) == 304):
         fields.append((b"Content-Length", b"%d" % head.content_length))
     return fields
 
@@ -69,10 +77,18 @@ def _via(fields, head, via):
     return fields
 
 
-def request_fields(head, via=None, forwarded=None, host=None):
+def request_fields(head, via=None, forwarded=None, host=None, proxy_credentials=False):
     """The fields of a request head as forwarded to the origin (before framing): ``host``
-    is added when the request has none (HTTP/1.0), ``forwarded`` is a (name, value) pair."""
-    fields = strip_hop_by_hop(head.headers)
+    is added when the request has none (HTTP/1.0), ``forwarded`` is a (name, value) pair.
+    ``proxy_credentials`` drops Proxy-Authorization (meant for Sluice as the explicit
+    proxy); an HTTP/1.0 request's Expect is dropped (RFC 9110 10.1.1: it must be ignored, and
+    the request now goes out as HTTP/1.1)."""
+    extra = []
+    if proxy_credentials:
+        extra.append(b"proxy-authorization")
+    if head.version == b"1.0":
+        extra.append(b"expect")
+    fields = strip_hop_by_hop(head.headers, extra)
     if host is not None and b"host" not in head.headers:
         fields.insert(0, (b"Host", host))
     if forwarded is not None:
@@ -153,6 +169,8 @@ def split_authority(authority):
         port = rest[1:] if rest.startswith(":") else ""
     else:
         host, _, port = text.partition(":")
+    if text.startswith("[") and rest and not rest.startswith(":"):
+        raise errors.BadHost("invalid authority %r" % (authority,))
     if not port:
         return host, 80
     if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):

@@ -24,12 +24,13 @@ import struct
 import time
 
 from gevent import Timeout, get_hub, getcurrent
+from gevent import sleep as gevent_sleep
 from gevent.hub import Waiter
 
 SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
-SPLICE_F_MORE = getattr(os, "SPLICE_F_MORE", 4)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+SIOCOUTQ = 0x5411                 # linux/sockios.h (= TIOCOUTQ): bytes not yet acknowledged
 PIPE_SIZE = 1024 * 1024
 PIPE_POOL = 64                    # clean pipes kept for reuse per process
 COPY_SIZE = 256 * 1024
@@ -86,6 +87,9 @@ class Peer:
         # calls ``on_alarm()``; when that returns True the wait raises ``Interrupted``.
         self.alarm = None
         self.on_alarm = None
+        # While set, an idle timer that fires asks ``patience()`` first: True waits another
+        # full interval (the other direction of a tunnel moved, the kernel is still sending).
+        self.patience = None
 
     def _expire(self, greenlet):
         greenlet.throw(IdleTimeout(self))
@@ -98,11 +102,24 @@ class Peer:
         if self.alarm is not None:
             self._wait_or_alarm(watcher, timer)
             return
-        timer.again(self._expire, getcurrent())
-        try:
-            get_hub().wait(watcher)
-        finally:
-            timer.stop()
+        while True:
+            timer.again(self._expire, getcurrent())
+            try:
+                get_hub().wait(watcher)
+                return
+            except IdleTimeout:
+                if not self._progress(watcher):
+                    raise
+            finally:
+                timer.stop()
+
+    def _progress(self, watcher):
+        """Asked when a wait saw ``idle`` seconds of silence: wait on?  A write wait goes on
+        while the kernel still sends what we queued (a slow reader frees the buffer by less
+        than the third that makes a socket writable); any wait while ``patience`` says so."""
+        if watcher is self._write_watcher and self.still_sending():
+            return True
+        return self.patience is not None and self.patience()
 
     def _wait_or_alarm(self, watcher, timer):
         alarm = self.alarm._alarm_watcher()
@@ -113,6 +130,10 @@ class Peer:
             timer.again(self._expire, getcurrent())
             try:
                 fired = waiter.get()
+            except IdleTimeout:
+                if not self._progress(watcher):
+                    raise
+                continue
             finally:
                 watcher.stop()
                 alarm.stop()
@@ -177,17 +198,42 @@ class Peer:
                 self.eof = True
             return n
 
-    def sendall(self, data):
+    def sendall(self, data, meter=None):
+        """Send everything; a ``meter`` counts each partial send as it happens."""
         view = memoryview(data)
         total = len(view)
         sent = 0
         while sent < total:
             try:
-                sent += self._raw.send(view[sent:])
+                n = self._raw.send(view[sent:])
             except BlockingIOError:
                 self.wait_write()
+                continue
             except OSError as exc:
                 raise PeerGone(self, exc.strerror or str(exc)) from exc
+            sent += n
+            if meter is not None:
+                meter.add(n)
+
+    def still_sending(self, probe=1.0, step=0.1):
+        """True when the kernel is still handing what we wrote to a peer that reads slowly:
+        its send queue (SIOCOUTQ: bytes not yet acknowledged) shrinks within ``probe``
+        seconds (looked at every ``step``, so a reader that pauses between reads counts).
+        False at once when nothing is queued."""
+        before = self._outq_now()
+        if not before:
+            return False
+        for _ in range(int(probe / step)):
+            gevent_sleep(step)
+            if self._outq_now() < before:
+                return True
+        return False
+
+    def _outq_now(self):
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.fd, SIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return 0
 
     def is_stale(self):
         """True if the peer has closed (or sent something unasked) while we were idle."""
@@ -316,16 +362,20 @@ def splice(src, dst, pipe, count=None, meter=None):
         pipe.held = n     # stays set if writing fails: the pipe is then never reused
         while pipe.held:
             try:
-                pipe.held -= os.splice(pipe.r, dst.fd, pipe.held, flags=read_flags | SPLICE_F_MORE)
+                # No SPLICE_F_MORE: it corks the socket, and the last piece of a body then
+                # waits ~200 ms for a write that never comes.
+                written = os.splice(pipe.r, dst.fd, pipe.held, flags=read_flags)
             except BlockingIOError:
                 dst.wait_write()
+                continue
             except OSError as exc:
                 if exc.errno in _GONE:
                     raise PeerGone(dst, exc.strerror) from exc
                 raise
+            pipe.held -= written
+            if meter is not None:
+                meter.add(written)
         moved += n
-        if meter is not None:
-            meter.add(n)
     return moved
 
 
@@ -340,8 +390,6 @@ def copy(src, dst, buf, count=None, meter=None):
             if count is None:
                 break
             raise PeerGone(src, "closed with %d of %d body bytes sent" % (moved, count))
-        dst.sendall(view[:n])
+        dst.sendall(view[:n], meter)
         moved += n
-        if meter is not None:
-            meter.add(n)
     return moved

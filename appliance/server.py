@@ -13,6 +13,7 @@ Must not touch: HTTP (``connection.py`` serves each client).
 import ctypes
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -84,7 +85,7 @@ class Proxy:
         self.accesslog = AccessLog(cfg.access_log) if cfg.access_log != "off" else None
         self.ctx = Context(policy, upstream.local_addresses(), {l.port for l in cfg.listen},
                            self.metrics, self.recorder, self.accesslog)
-        self.pool = Pool(cfg.limits.max_connections)
+        self.pool = Pool(connection_budget(cfg.limits.max_connections))
         self.servers = []
         self.served = 0     # connections handled to the end, for STATUS=
         self.admin = None
@@ -179,6 +180,32 @@ class Proxy:
             log.warning("drain: %d connections still open after %gs, closing them",
                         len(self.pool), drain)
             self.pool.kill(timeout=1)
+
+
+FDS_PER_CONNECTION = 4     # client, origin, and a splice pipe's two ends while a body moves
+FDS_RESERVED = 64          # listeners, logs, the flow store, the admin endpoint...
+
+
+def connection_budget(wanted):
+    """How many connections fit the descriptors this process may open: the soft limit is
+    raised to the hard one, and if ``limits.max_connections`` still does not fit, the pool
+    is made smaller (clients then wait in the listen backlog instead of getting 502 "Too
+    many open files") and a warning says so."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    fits = max(1, (soft - FDS_RESERVED) // FDS_PER_CONNECTION)
+    if fits < wanted:
+        log.warning("limits.max_connections %d needs about %d descriptors; the limit is %d: "
+                    "serving at most %d connections at once (raise LimitNOFILE / ulimit -n)",
+                    wanted, wanted * FDS_PER_CONNECTION + FDS_RESERVED, soft, fits)
+        return fits
+    return wanted
 
 
 def _option(cfg, dotted):

@@ -32,8 +32,11 @@ class Tunnel:
         if to_client:
             self.client.sendall(to_client)
             self.down.add(len(to_client))
-        workers = [gevent.spawn(self._pump, self.client, self.server, self.up, self.down),
-                   gevent.spawn(self._pump, self.server, self.client, self.down, self.up)]
+        # A wait that times out asks first: did either direction move (a partial write
+        # counts) within idle?  Then it waits on; only a silence both ways ends the tunnel.
+        self.client.patience = self.server.patience = self._moving
+        workers = [gevent.spawn(self._pump, self.client, self.server, self.up),
+                   gevent.spawn(self._pump, self.server, self.client, self.down)]
         try:
             for done in gevent.iwait(workers):
                 failure = done.exception if done.exception is not None else done.value
@@ -42,21 +45,22 @@ class Tunnel:
                     return
         finally:
             gevent.killall(workers)
+            self.client.patience = self.server.patience = None
 
-    def _pump(self, src, dst, meter, other):
+    def _moving(self):
+        """Progress within idle: bytes moved either way (partial writes count), or the
+        kernel still handing what we wrote to a slow reader (its send queue shrinks)."""
+        if time.monotonic() - max(self.up.last, self.down.last) < self.idle:
+            return True
+        return self.client.still_sending() or self.server.still_sending()
+
+    def _pump(self, src, dst, meter):
         """One direction until EOF (then half-close the other side).  Returns None at a clean
         EOF, or the exception that ended it."""
         try:
-            while True:
-                try:
-                    self._move(src, dst, meter)
-                    dst.shutdown_write()
-                    return None
-                except relay.IdleTimeout as exc:
-                    quiet = time.monotonic() - max(meter.last, other.last)
-                    if exc.peer is src and quiet < self.idle:
-                        continue       # this side is quiet, the other one moves: wait on
-                    raise
+            self._move(src, dst, meter)
+            dst.shutdown_write()
+            return None
         except (relay.IdleTimeout, relay.PeerGone) as exc:
             return exc
 

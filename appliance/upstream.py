@@ -13,7 +13,7 @@ import struct
 import gevent
 from gevent import socket as gsocket
 
-from .errors import ConnectFailed, ConnectTimeout, LoopDetected
+from .errors import BadHost, ConnectFailed, ConnectTimeout, Forbidden, LoopDetected
 
 SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80     # linux/netfilter_ipv6/ip6_tables.h
@@ -77,22 +77,39 @@ def is_loop(dst, own_addresses, own_ports):
         return False
 
 
-def connect(dst, timeout, own=None):
+def is_local_only(ip):
+    """Loopback or unspecified: this gateway itself, never a LAN client's destination."""
+    try:
+        addr = ipaddress.ip_address(normalize_ip(ip))
+    except ValueError:
+        return False
+    return addr.is_loopback or addr.is_unspecified
+
+
+def connect(dst, timeout, own=None, deny_local=False):
     """A connected gevent socket to ``dst``; ``ConnectFailed`` (502) or ``ConnectTimeout``.
     ``own`` is (addresses, ports) of this box's listeners: a name that resolves to one of them
-    is a loop (``LoopDetected``), checked before any connection is made."""
+    is a loop (``LoopDetected``), checked before any connection is made; ``deny_local``
+    refuses names that resolve to loopback (``Forbidden``: an explicit proxy's clients must
+    not reach the gateway's own local services).  A name that cannot be a host name is
+    ``BadHost`` (400)."""
     host, port = dst
     if not 1 <= port <= 65535:
         raise ConnectFailed("invalid port %d" % port)
     try:
+        host.encode("idna")
+    except UnicodeError:
+        raise BadHost("not a valid host name: %r" % (host,)) from None
+    try:
         with gevent.Timeout(timeout, ConnectTimeout("no connection to %s:%d within %gs" % (
                 host, port, timeout))):
             infos = gsocket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-            if own is not None:
-                for info in infos:
-                    if is_loop((info[4][0], port), *own):
-                        raise LoopDetected("%s:%d resolves to %s, Sluice itself (loop)" % (
-                            host, port, info[4][0]))
+            for info in infos:
+                if own is not None and is_loop((info[4][0], port), *own):
+                    raise LoopDetected("%s:%d resolves to %s, Sluice itself (loop)" % (
+                        host, port, info[4][0]))
+                if deny_local and is_local_only(info[4][0]):
+                    raise Forbidden("%s:%d is this gateway's own loopback" % (host, port))
             last = None
             for family, kind, proto, _, address in infos:
                 sock = gsocket.socket(family, kind, proto)
@@ -105,5 +122,7 @@ def connect(dst, timeout, own=None):
                     last = exc
             raise ConnectFailed("cannot connect to %s:%d: %s" % (
                 host, port, last.strerror if last else "no address")) from last
+    except UnicodeError:
+        raise BadHost("not a valid host name: %r" % (host,)) from None
     except OSError as exc:
         raise ConnectFailed("cannot connect to %s:%d: %s" % (host, port, exc)) from exc

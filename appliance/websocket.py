@@ -36,7 +36,7 @@ import time
 
 import gevent
 
-from .relay import IdleTimeout, PeerGone
+from .relay import IdleTimeout, Meter, PeerGone
 from .wsframe import (NEED_DATA, CloseCode, Control, FrameParser, MessageAssembler, Opcode,
                       Payload, WebSocketError, apply_mask, encode_close, frame_header)
 
@@ -194,6 +194,7 @@ class _Session:
         self.on_message, self.record, self.log = on_message, record, log
         self.ws = flow.websocket = WebSocketData(settings.stream, settings.deflate)
         self.last_activity = time.monotonic()
+        self.written = Meter()          # partial writes count as activity (a slow reader)
         self.warned = False
         self.outs = {"client": _Out(client, "client", None), "server": _Out(server, "server",
                                                                              True)}
@@ -203,11 +204,16 @@ class _Session:
 
     def run(self):
         directions = [_Direction(self, True), _Direction(self, False)]
+        peers = [out.peer for out in self.outs.values()]
+        for peer in peers:     # a write that waits on while the other way moves, not closed
+            peer.patience = self._active
         workers = [gevent.spawn(d.run) for d in directions]
         try:
             outcome = self._supervise(workers)
         finally:
             gevent.killall(workers, block=True)
+            for peer in peers:
+                peer.patience = None
             self.ws.timestamp_end = time.time()
         if outcome.kind == "bug":
             raise outcome.error
@@ -226,6 +232,13 @@ class _Session:
                 gevent.killall(pending, block=True)
                 return outcome
         return _CLEAN
+
+    def _active(self):
+        quiet = time.monotonic() - max(self.last_activity, self.written.last)
+        if quiet < self.settings.idle:
+            return True
+        # the kernel still hands our bytes to a slow reader
+        return any(out.peer.still_sending() for out in self.outs.values())
 
     def handshake_done(self):
         return self.outs["client"].close_sent and self.outs["server"].close_sent
@@ -350,9 +363,11 @@ class _Direction:
             except IdleTimeout as exc:
                 if exc.peer is not self.src:
                     raise
-                quiet = time.monotonic() - self.session.last_activity
-                if quiet >= self.idle:
+                quiet = time.monotonic() - max(self.session.last_activity,
+                                               self.session.written.last)
+                if quiet >= self.idle and not self.session._active():
                     raise _Idle("no frame either way for %gs" % self.idle) from None
+                quiet = min(quiet, self.idle - 0.001)
                 seconds = self.idle - quiet
                 continue
             self.session.last_activity = time.monotonic()
@@ -447,7 +462,7 @@ class _Direction:
             return
         self.out.open = True
         for chunk in _coalesce(pieces):
-            self.dst.sendall(chunk)
+            self.dst.sendall(chunk, self.session.written)
         self.out.open = not boundary
 
     def _control(self, control):

@@ -28,11 +28,12 @@ body have not been received yet; after the caller moved ``n`` of them itself (sp
 
 from .events import (NEED_DATA, PAUSED, ConnectionClosed, Data, EndOfMessage, Framing,
                      Headers, RequestHead, ResponseHead)
-from .parser import RequestParser, ResponseParser
+from .parser import RequestParser, ResponseParser, valid_host
 from .writer import (chunk, last_chunk, write_request_head, write_response_head)
 
 __all__ = [
     "NEED_DATA", "PAUSED", "ConnectionClosed", "Data", "EndOfMessage", "Framing", "Headers",
-    "RequestHead", "ResponseHead", "RequestParser", "ResponseParser", "chunk", "last_chunk",
+    "RequestHead", "ResponseHead", "RequestParser", "ResponseParser", "valid_host", "chunk",
+    "last_chunk",
     "write_request_head", "write_response_head",
 ]

@@ -56,6 +56,12 @@ class State(enum.Enum):
     ERROR = "error"
 
 
+def valid_host(value):
+    """True for a Host value (or an absolute-form authority) of the grammar Sluice accepts:
+    a reg-name or an IP literal in brackets, then an optional port."""
+    return bool(value) and _HOST.fullmatch(value) is not None
+
+
 def _short(data, limit=40):
     data = bytes(data)
     return repr(data if len(data) <= limit else data[:limit] + b"...")

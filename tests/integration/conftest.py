@@ -162,8 +162,9 @@ def rawserver(lab, tmp_path):
     stopped when the test ends."""
     started: list[RawServer] = []
 
-    def start(script, port: int = RAW_PORT, ns=None, idle_timeout: float = 10.0) -> RawServer:
-        server = RawServer(ns or lab.origin, script, port=port, workdir=tmp_path, idle_timeout=idle_timeout)
+    def start(script, port: int = RAW_PORT, ns=None, idle_timeout: float = 10.0, rcvbuf=None) -> RawServer:
+        server = RawServer(ns or lab.origin, script, port=port, workdir=tmp_path, idle_timeout=idle_timeout,
+                           rcvbuf=rcvbuf)
         started.append(server)
         return server.start()
 

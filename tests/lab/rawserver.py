@@ -190,6 +190,7 @@ def main(argv=None) -> int:
     parser.add_argument("--script", required=True)
     parser.add_argument("--record-dir", required=True)
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_TIMEOUT)
+    parser.add_argument("--rcvbuf", type=int, help="SO_RCVBUF of the accepted sockets")
     args = parser.parse_args(argv)
     scripts = scripts_of(json.loads(Path(args.script).read_text()))
     record_dir = Path(args.record_dir)
@@ -197,6 +198,8 @@ def main(argv=None) -> int:
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if args.rcvbuf:             # set before listen: accepted sockets inherit it (and its window)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, args.rcvbuf)
     if family == socket.AF_INET6:
         listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     listener.bind((args.host, args.port))
@@ -216,9 +219,10 @@ class RawServer:
     helpers above) or {"connections": [steps, ...]}."""
 
     def __init__(self, ns, script, port: int = 9000, host: str = "::", workdir: str | Path | None = None,
-                 idle_timeout: float = DEFAULT_TIMEOUT):
+                 idle_timeout: float = DEFAULT_TIMEOUT, rcvbuf: int | None = None):
         self.ns, self.script, self.port, self.host = ns, script, port, host
         self.idle_timeout = idle_timeout
+        self.rcvbuf = rcvbuf
         self._own_workdir = workdir is None  # a temporary directory of ours, removed by stop()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="sluice-raw-"))
         self.record_dir = self.workdir / ("raw-%d" % port)
@@ -233,7 +237,8 @@ class RawServer:
             self.proc = self.ns.popen([sys.executable, "-m", "tests.lab.rawserver", "--host", self.host,
                                        "--port", str(self.port), "--script", str(script_path),
                                        "--record-dir", str(self.record_dir),
-                                       "--idle-timeout", str(self.idle_timeout)],
+                                       "--idle-timeout", str(self.idle_timeout)]
+                                      + (["--rcvbuf", str(self.rcvbuf)] if self.rcvbuf else []),
                                       stdout=subprocess.PIPE, stderr=err)
         self.ns.on_teardown(self.stop)
         read_ready(self.proc, timeout, stderr_path)

@@ -52,7 +52,7 @@ TEXT = [
                  'GET http://[2001:db8::1]:8000/six 200 0 10 0.050 f00d-8 "" ""\n', id="ipv6"),
     pytest.param("http://example.org/chat",
                  '2025-11-30T12:49:00.000000Z 10.0.0.2:40010 93.184.216.34:80 websocket GET '
-                 'http://example.org/chat 101 10 300 10.000 f00d-ws "messages: buffer" ""\n',
+                 'http://example.org/chat 101 10 300 10.000 f00d-ws "messages: buffer; closed by client (1000)" ""\n',
                  id="websocket"),
     pytest.param("secure.example.org:443",
                  '2025-11-30T12:50:41.000000Z 10.0.0.3:41000 93.184.216.34:443 tunnel CONNECT '
