@@ -201,27 +201,60 @@ def _hostport(host, port):
 
 
 # --- /flows.har (runs in a thread) --------------------------------------------------------
+# The thread holds the GIL while a C call runs (bytes.split, json.loads, json.dumps): each
+# call here works on a bounded piece (READ_CHUNK bytes, one line, one HAR entry), so that the
+# event loop gets the GIL back within milliseconds.
+
+READ_CHUNK = 1 << 20
+
+
+def _windows(directory, budget):
+    """[(path, start, end)], oldest first: the newest ``budget`` bytes of the store."""
+    out = []
+    for name in reversed(list_segments(directory)):
+        if budget <= 0:
+            break
+        path = os.path.join(directory, name)
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:        # rotated away meanwhile
+            continue
+        start = max(0, size - budget)
+        budget -= size - start
+        out.append((path, start, size))
+    out.reverse()
+    return out
+
 
 def newest_lines(directory, budget=HAR_READ_BYTES):
     """The whole lines of the newest ``budget`` bytes of the store, oldest first: a line cut
     by the window's start and a line not finished (being written, or torn) are left out."""
-    segments = []
-    for name in reversed(list_segments(directory)):
-        if budget <= 0:
-            break
+    for path, start, end in _windows(directory, budget):
         try:
-            with open(os.path.join(directory, name), "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                start = max(0, size - budget)
-                handle.seek(max(0, start - 1))       # and the byte before: a newline?
-                data = handle.read(size - start + (1 if start else 0))
-        except FileNotFoundError:        # rotated away meanwhile
+            handle = open(path, "rb")
+        except FileNotFoundError:
             continue
-        budget -= size - start
+        with handle:
+            handle.seek(max(0, start - 1))   # from the byte before: is it a newline?
+            yield from _lines(handle, end - max(0, start - 1), skip_first=start > 0)
+
+
+def _lines(handle, left, skip_first):
+    partial = b""
+    while left > 0:
+        chunk = handle.read(min(READ_CHUNK, left))
+        if not chunk:
+            break
+        left -= len(chunk)
+        data = partial + chunk
+        if skip_first:                   # up to the first newline: the cut line's tail
+            cut = data.find(b"\n")
+            if cut < 0:
+                partial = b""
+                continue
+            data, skip_first = data[cut + 1:], False
         lines = data.split(b"\n")
-        lines.pop()                      # after the last newline: nothing, or a partial line
-        segments.append(lines[1:] if start else lines)   # [0]: b"" or the cut line's tail
-    for lines in reversed(segments):
+        partial = lines.pop()            # not finished within the window: left out
         yield from lines
 
 
@@ -248,5 +281,13 @@ def har_records(directory, budget=HAR_READ_BYTES, max_flows=HAR_MAX_FLOWS):
 
 
 def har_bytes(directory, budget=HAR_READ_BYTES, max_flows=HAR_MAX_FLOWS):
-    """The HAR document of ``har_records``, encoded."""
-    return json.dumps(to_har(har_records(directory, budget, max_flows))).encode("utf-8")
+    """The HAR document of ``har_records``, encoded entry by entry."""
+    document = to_har(har_records(directory, budget, max_flows))
+    entries = document["log"].pop("entries")
+    head = json.dumps(document)[:-2]      # '{"log": {...' without its two closing braces
+    parts = [head.encode("utf-8"), b', "entries": [']
+    for i, entry in enumerate(entries):
+        parts.append(b", " if i else b"")
+        parts.append(json.dumps(entry).encode("utf-8"))
+    parts.append(b"]}}")
+    return b"".join(parts)

@@ -123,6 +123,7 @@ def test_har_of_the_store_is_valid_har(tmp_path):
     assert len(har["log"]["entries"]) == len(expected)
     (ws,) = [e for e in har["log"]["entries"] if e.get("_resourceType") == "websocket"]
     assert ws["_webSocketMessages"], "messages are joined to their WebSocket"
+    assert json.loads(admin.har_bytes(str(tmp_path / "flows"))) == har
 
 
 # --- the window /flows.har reads ----------------------------------------------------------
@@ -130,7 +131,9 @@ def test_har_of_the_store_is_valid_har(tmp_path):
 TORN = b'{"format":1,"event_type":"http","flow_id":"torn'
 
 
-def test_window_keeps_whole_lines_of_the_newest_bytes(tmp_path):
+@pytest.mark.parametrize("chunk", [admin.READ_CHUNK, 1000, 7], ids=["1m", "1000", "7"])
+def test_window_keeps_whole_lines_of_the_newest_bytes(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(admin, "READ_CHUNK", chunk)     # lines across reads, cut lines too
     store = tmp_path / "flows"
     names = write_store(store, [[fr.http_record(n) for n in range(0, 10)],
                                 [fr.http_record(n) for n in range(10, 20)]])
