@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBS   := python3-venv nginx-light iptables iproute2 curl wrk procps nftables ruby systemd strace tshark openssl
+DEBS   := python3-venv nginx-light iptables iproute2 curl wrk procps nftables ruby systemd strace tshark openssl \
+          chromium tmux
 
 .PHONY: all deps venv demo test unit integration bench bench-parser soak clean \
         install uninstall runtime-deps iptables-rules
@@ -13,7 +14,8 @@ all: test
 
 # Debian packages the tests and the demo drive (nginx origin, iptables and nft, curl, wrk; ruby
 # parses the Vagrantfile, systemd-analyze checks the unit, strace its system calls, tshark reads
-# the pcap exports back).
+# the pcap exports back; headless chromium renders the admin endpoint's live page, tmux gives
+# `sluice top` a terminal).
 deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -11,7 +11,7 @@ import sys
 
 import yaml
 
-from . import __version__, config, flowsview, policy, rulestest
+from . import __version__, config, flowsview, policy, rulestest, top
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -50,6 +50,8 @@ def build_parser():
         "test", help="which rules match URL and what Sluice would decide"), _common)
     text = "list, filter, follow or export (HAR, pcap) the recorded flows"
     flowsview.add_arguments(sub.add_parser("flows", help=text, description=text))
+    text = "live view of the open transfers, from a running Sluice's admin endpoint"
+    top.add_arguments(sub.add_parser("top", help=text, description=text))
     _iptables_parser(sub)
     return parser
 
@@ -93,6 +95,8 @@ def main(argv=None):
         return EXIT_OK
     if args.command == "flows":
         return flowsview.run(args)
+    if args.command == "top":
+        return top.run(args)
     try:
         if args.command in ("run", "check", "rules"):
             loaded = load_policy(args)

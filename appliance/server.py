@@ -6,7 +6,8 @@ SIGTERM/SIGINT draining, and ``workers: N``: N processes, each with its own ``SO
 listeners (the kernel spreads connections), under a parent that forwards signals and waits.
 systemd (``Type=notify``) hears from ``sdnotify``: READY=1 once listening, RELOADING=1 and
 READY=1 around a SIGHUP's ``Proxy.reload()``, STOPPING=1, STATUS= every few seconds,
-WATCHDOG=1; with workers, the supervisor speaks for them all.
+WATCHDOG=1; with workers, the supervisor speaks for them all.  With ``admin.port`` set, each
+process also serves ``admin.Admin`` (worker N on admin.port + N), stopped after the drain.
 Must not touch: HTTP (``connection.py`` serves each client).
 """
 
@@ -28,6 +29,7 @@ from gevent.server import StreamServer
 
 from . import __version__, sdnotify, upstream
 from .accesslog import AccessLog
+from .admin import Admin
 from .connection import ClientConnection, Context
 from .errors import ConfigError
 from .metrics import Metrics
@@ -74,8 +76,9 @@ RESTART_ONLY = ("listen", "workers", "limits.max_connections", "record", "admin"
 class Proxy:
     """All listeners of one process, sharing a pool and a context."""
 
-    def __init__(self, policy, loader=None):
+    def __init__(self, policy, loader=None, worker=0):
         self.cfg = cfg = policy.cfg
+        self.worker = worker         # worker N serves the admin endpoint on admin.port + N
         self.loader = loader         # () -> a new Policy, re-reading every file (SIGHUP)
         self.metrics = Metrics()
         self.recorder = None
@@ -115,6 +118,9 @@ class Proxy:
             server.start()
             self.servers.append(server)
             log.info("listening on %s:%d (%s)", listen.host, listen.port, listen.mode)
+        admin = self.cfg.admin
+        if admin.port is not None:
+            self.admin = Admin(self, admin.host, admin.port + self.worker).start()
 
     def _handler(self, listen):
         ctx = self.ctx
@@ -180,6 +186,8 @@ class Proxy:
             log.warning("drain: %d connections still open after %gs, closing them",
                         len(self.pool), drain)
             self.pool.kill(timeout=1)
+        if self.admin is not None:       # /healthz said 503 while the drain lasted
+            self.admin.stop()
 
 
 FDS_PER_CONNECTION = 4     # client, origin, and a splice pipe's two ends while a body moves
@@ -337,7 +345,7 @@ def serve(policy, loader=None, channel=None):
         cooperative_stdlib()
     notifier = channel or sdnotify.Notifier.from_environ()
     watchdog = None if channel else sdnotify.watchdog_interval()
-    proxy = Proxy(policy, loader)
+    proxy = Proxy(policy, loader, channel.worker if channel else 0)
     try:
         proxy.start()
     except OSError as exc:

@@ -75,6 +75,12 @@ def test_install_keeps_an_edited_config_and_uninstall_leaves_only_it(tmp_path):
                           "print(appliance.__file__, m.version('sluice-appliance'))")
     path, dist_version = found.stdout.split()
     assert path.startswith(str(destdir / "opt/sluice/lib/")) and dist_version in version.stdout
+    # The admin endpoint's live page ships as package data, with its dependencies.
+    page = run_installed(destdir, "-c", "import os, prometheus_client, rich, appliance.admin as a;"
+                         "print(a.PAGE, os.path.getsize(a.PAGE))")
+    assert page.returncode == 0, page.stderr
+    page_path, page_size = page.stdout.split()
+    assert page_path.startswith(str(destdir / "opt/sluice/lib/")) and int(page_size) > 1000
 
     # The operator edits the config and adds a rule file; a second install keeps the config
     # (the new default goes beside it), uninstall keeps both and removes the rest.
