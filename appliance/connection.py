@@ -462,7 +462,9 @@ class ClientConnection:
             return False
         response_head = self.early or self._response_head(head)
         if response_head.status == 101:
-            self._websocket(head, Response(response_head, flow), facts)
+            flow.response = Response(response_head, flow)
+            flow.mark("response_head")
+            self._websocket(head, flow.response, facts)
             return False
         keep_client = head.keep_alive and complete and not self.ctx.draining
         out_framing, download = self._forward_response(response_head, facts, keep_client)

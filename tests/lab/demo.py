@@ -34,9 +34,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .netns import NGINX_PORT, Lab, LabError, netns_list, stop_process
+from .netns import NGINX_PORT, WS_PORT, Lab, LabError, netns_list, stop_process
 from .nginx import Nginx, make_file
 from .provision import intercept_off, provision_gateway
+from .wsorigin import WsOrigin
 
 PROXY_PORT = 8080
 ACCESS_LINE = re.compile(r"^\d{4}-\d\d-\d\dT")     # Sluice's access log (access_log: text)
@@ -51,6 +52,7 @@ FOO_PAGE = (b"<!doctype html>\n<title>foo</title>\n<p>foo fighters, food, foolis
 SEED_MODIFY = Path(__file__).resolve().parents[3] / "shared" / "seeds" / "examples" / "stream_modify_3x.py"
 OWN_MODIFY = Path(__file__).resolve().parents[2] / "examples" / "rewrite_stream.py"
 RELOAD_CONFIG = """\
+stream_websockets: true
 scripts: [{script}]
 rules:
   - name: block-ads
@@ -92,7 +94,31 @@ workers: {workers}
 INTERCEPT_CONFIG = """\
 intercept:
   interfaces: null
-  ports: [80]
+  ports: [80, {ws_port}]
+"""
+RECORD_CONFIG = """\
+record:
+  dir: {store}
+admin:
+  port: {admin_port}
+"""
+ADMIN_PORT = 8081
+HAR_PATH = Path("/tmp/sluice-demo.har")
+WS_CLIENT = r"""
+import json, time
+from websockets.sync.client import connect
+t0 = time.monotonic()
+def say(text):
+    print("%5.2f s  %s" % (time.monotonic() - t0, text), flush=True)
+with connect("ws://%s:%d/frames" % (ORIGIN_IP, WS_PORT), proxy=None, open_timeout=10) as ws:
+    def fragments():
+        for i, text in enumerate(["first frame of a message", "a second one", "the last frame"], 1):
+            say("client sends frame %d of 3: %r" % (i, text))
+            yield text
+            say("server says: %s" % ws.recv(timeout=5))
+    ws.send(fragments())
+    ws.send("one more message")
+    say("server says: %s" % ws.recv(timeout=5))
 """
 
 # -- helpers shared with tests.bench.proxy ----------------------------------------------------
@@ -141,12 +167,13 @@ class SluiceProc:
 
     def __init__(self, lab: Lab, workdir: Path, port: int = PROXY_PORT, relay: str = "splice",
                  log_level: str = "info", name: str = "sluice", workers: int = 1,
-                 intercept: bool = False):
+                 intercept: bool = False, extra: str = ""):
         self.lab, self.port = lab, port
         self.config_path = workdir / ("%s.yaml" % name)
         self.config_path.write_text(SLUICE_CONFIG.format(port=port, relay=relay, log_level=log_level,
                                                           workers=workers)
-                                    + (INTERCEPT_CONFIG if intercept else ""))
+                                    + (INTERCEPT_CONFIG.format(ws_port=WS_PORT) if intercept else "")
+                                    + extra)
         self.log_path = workdir / ("%s.log" % name)
         self.proc: subprocess.Popen | None = None
         self._offset = 0
@@ -285,7 +312,7 @@ def exit_on_sigterm() -> None:
 
 # -- the demo ---------------------------------------------------------------------------------
 
-STEPS = 9
+STEPS = 11
 W = 13  # width of the step title column
 
 
@@ -338,7 +365,10 @@ def run(lab: Lab, workdir: Path, out: Out) -> None:
              % (nginx.proc.pid, lab.origin_ip, NGINX_PORT, len(PAGE), time.monotonic() - t0))
     out.more("sha256 of /1g.bin %s" % big_sha)
 
-    sluice = SluiceProc(lab, workdir, intercept=True).start()
+    WsOrigin(lab.origin, port=WS_PORT).start()
+    store = workdir / "flows"
+    sluice = SluiceProc(lab, workdir, intercept=True,
+                        extra=RECORD_CONFIG.format(store=store, admin_port=ADMIN_PORT)).start()
     provisioned = provision_gateway(lab, sluice.config_path)
     if provisioned.returncode != 0:
         raise DemoError("deploy/gateway.sh failed (exit %d):\n%s%s" % (
@@ -349,8 +379,11 @@ def run(lab: Lab, workdir: Path, out: Out) -> None:
     for line in provisioned.stdout.splitlines():
         if " -A " in line:
             out.more(line)
+    out.more("flows recorded in %s; live page while the demo runs: http://127.0.0.1:%d/ in the "
+             "gateway (sudo ip netns exec %s sluice top)" % (store, ADMIN_PORT, lab.gateway.name))
     try:
         exercise(lab, sluice, big_sha, out)
+        recorded_flows(lab, sluice, store, out)
     except DemoError:
         if sluice.proc.poll() is not None and sluice.proc.returncode != 0:
             sluice.check_alive()  # raises: Sluice died, with its log, which explains the rest
@@ -358,7 +391,8 @@ def run(lab: Lab, workdir: Path, out: Out) -> None:
 
 
 def exercise(lab: Lab, sluice: SluiceProc, big_sha: str, out: Out) -> None:
-    """Steps 4 to 7: the small page, the big file through Sluice, the big file direct."""
+    """Steps 4 to 10: the small page, the big file through Sluice, a seed script and a rule
+    after a reload, a WebSocket, the big file direct, the result."""
     page_url = lab.url("/index.html")
     sluice.mark()
     page = curl_stats(lab, page_url, timeout=10)
@@ -396,6 +430,7 @@ def exercise(lab: Lab, sluice: SluiceProc, big_sha: str, out: Out) -> None:
                         % (count, sha, BIG_SIZE, big_sha))
 
     rules_and_scripts(lab, sluice, out)
+    websocket_step(lab, sluice, out)
 
     removed = intercept_off(lab, sluice.config_path)
     if removed.returncode != 0:
@@ -457,6 +492,53 @@ def rules_and_scripts(lab: Lab, sluice: SluiceProc, out: Out) -> None:
     out.more(flow.decisions, "sluice log")
     out.more("answered by the rule block-ads; the origin was never contacted", "=>")
     sluice.check_alive()
+
+
+def websocket_step(lab: Lab, sluice: SluiceProc, out: Out) -> None:
+    """Step 8: a WebSocket through the gateway with stream_websockets: true (the reload of
+    step 6 turned it on): each frame reaches the server before the next one is sent."""
+    rc, text, err = lab.python("WS_PORT = %d\n" % WS_PORT + WS_CLIENT, timeout=30)
+    lines = text.decode().splitlines()
+    if rc != 0 or not any("fragment 3" in line for line in lines):
+        raise DemoError("websocket: exit %d: %s %s" % (rc, text.decode()[-500:], err[-1000:]))
+    first_ack = next(i for i, line in enumerate(lines) if "fragment 1" in line)
+    last_sent = next(i for i, line in enumerate(lines) if "frame 3 of 3" in line)
+    if first_ack > last_sent:
+        raise DemoError("websocket: the first frame was not forwarded before the last was sent")
+    out.step("websocket", "ws://%s:%d/frames through Sluice, stream_websockets: true"
+             % (lab.origin_ip, WS_PORT))
+    for line in lines:
+        out.more(line)
+    out.more("the server had frame 1 before the client sent frame 3: forwarded as they came", "=>")
+    sluice.check_alive()
+
+
+def recorded_flows(lab: Lab, sluice: SluiceProc, store: Path, out: Out) -> None:
+    """Step 11: what the flow store kept: `sluice flows`, the WebSocket messages, a HAR."""
+    from appliance.recorder import iter_records
+    deadline = time.monotonic() + 5
+    while not any(r.get("event_type") == "websocket" for r in iter_records(str(store))):
+        if time.monotonic() > deadline:
+            raise DemoError("the flow store has no websocket flow: %s" % store)
+        time.sleep(0.2)
+    table = subprocess.run([sys.executable, "-m", "appliance", "flows", "--dir", str(store)],
+                           capture_output=True, text=True, timeout=30)
+    har = subprocess.run([sys.executable, "-m", "appliance", "flows", "--dir", str(store), "--har",
+                          str(HAR_PATH)], capture_output=True, text=True, timeout=30)
+    if table.returncode != 0 or har.returncode != 0:
+        raise DemoError("sluice flows failed: %s %s" % (table.stderr, har.stderr))
+    out.step("flows", "sluice flows --dir %s" % store)
+    for line in table.stdout.splitlines():
+        out.more(line)
+    for record in iter_records(str(store)):
+        if record.get("event_type") == "websocket_message":
+            message = record["message"]
+            data = __import__("base64").b64decode(message["data"]).decode("utf-8", "replace")
+            out.more("%s %3d bytes %r" % ("client->server" if message["from_client"] else
+                                          "server->client", message["size"], data[:50]),
+                     "ws recorded")
+    out.more("HAR 1.2 of the recorded flows: %s (%d bytes)" % (HAR_PATH, HAR_PATH.stat().st_size),
+             "=>")
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,9 @@ implementation of RFC 6455 and permessage-deflate).
     python -m tests.lab.wsorigin --port 9200        (in the origin namespace)
 
 Paths:
+    /frames      every fragment of every message acknowledged as it arrives, with a text
+                 message "fragment N: B bytes" (so a client sees when its first frame
+                 reached the server, before it sends the last)
     any path     every message back as it came (text stays text, binary stays binary); the
                  text message "?extensions" is answered with the negotiated extensions
                  ("none" without any), "?close <code>" makes the server close with that code
@@ -25,6 +28,9 @@ from .netns import read_ready, stop_process
 
 
 def handler(conn) -> None:
+    if conn.request.path == "/frames":
+        frames(conn)
+        return
     try:
         for message in conn:
             if message == "?extensions":
@@ -35,6 +41,15 @@ def handler(conn) -> None:
                 return
             else:
                 conn.send(message)
+    except ConnectionClosed:
+        pass
+
+
+def frames(conn) -> None:
+    try:
+        while True:
+            for i, fragment in enumerate(conn.recv_streaming(), 1):
+                conn.send("fragment %d: %d bytes" % (i, len(fragment)))
     except ConnectionClosed:
         pass
 
