@@ -131,7 +131,7 @@ def forward(t, head_sent=False):
         else Framing.CLOSE
     if reason is not None:
         t.decided("stream", reason)
-        return _stream(t, send, framing, out, [])
+        return _stream(t, send, framing, out, None)
     cap = min(t.threshold, t.limit)
     held, end = _buffer(t, cap)
     if end is not None:

@@ -398,6 +398,9 @@ STAGE_KINDS = {
 }
 
 
+NO_DECISION = Decision()      # what an empty rule set decides (never changed)
+
+
 class RuleSet:
     """Rules in order, and the decisions they give."""
 
@@ -408,9 +411,9 @@ class RuleSet:
 
     def decide(self, stage, facts):
         """The Decision for ``stage`` (accept, tls, request, response)."""
-        decision = Decision()
         if self.empty:
-            return decision
+            return NO_DECISION
+        decision = Decision()
         if stage != "response" and self._ignored(facts):
             decision.acts["passthrough"] = (True, "ignore_hosts")
             return decision

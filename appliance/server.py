@@ -73,6 +73,22 @@ RESTART_ONLY = ("listen", "workers", "limits.max_connections", "record", "admin"
                 "access_log")
 
 
+class Listener(StreamServer):
+    """gevent's StreamServer, except that the connection closes its socket itself (a
+    parked keep-alive connection outlives its first greenlet), and that "full" counts every
+    open connection, parked ones included, against limits.max_connections."""
+
+    def __init__(self, sock, handle, pool, ctx, limit):
+        super().__init__(sock, handle, spawn=pool)
+        self.ctx, self.limit = ctx, limit
+
+    def do_close(self, sock, *args):
+        pass
+
+    def full(self):
+        return self.ctx.busy() >= self.limit or super().full()
+
+
 class Proxy:
     """All listeners of one process, sharing a pool and a context."""
 
@@ -88,15 +104,16 @@ class Proxy:
         self.accesslog = AccessLog(cfg.access_log) if cfg.access_log != "off" else None
         self.ctx = Context(policy, upstream.local_addresses(), {l.port for l in cfg.listen},
                            self.metrics, self.recorder, self.accesslog)
-        self.pool = Pool(connection_budget(cfg.limits.max_connections))
+        self.limit = connection_budget(cfg.limits.max_connections)
+        self.pool = Pool(self.limit)
         self.servers = []
-        self.served = 0     # connections handled to the end, for STATUS=
         self.admin = None
         self._gauges()
 
     def _gauges(self):
         gauges = self.metrics.gauges
-        gauges["current_connections"] = ("client connections open", lambda: len(self.pool))
+        gauges["current_connections"] = ("client connections open (idle keep-alive ones "
+                                          "included)", lambda: self.ctx.busy())
         if self.recorder is not None:
             rec = self.recorder
             gauges["recorder_written_total"] = ("flow records written", lambda: rec.written)
@@ -114,13 +131,21 @@ class Proxy:
         if self.accesslog is not None:
             self.accesslog.start()
         for listen in self.cfg.listen:
-            server = StreamServer(make_listener(listen), self._handler(listen), spawn=self.pool)
+            server = Listener(make_listener(listen), self._handler(listen), self.pool, self.ctx,
+                              self.limit)
             server.start()
             self.servers.append(server)
             log.info("listening on %s:%d (%s)", listen.host, listen.port, listen.mode)
         admin = self.cfg.admin
         if admin.port is not None:
             self.admin = Admin(self, admin.host, admin.port + self.worker).start()
+        self.sweeper = gevent.spawn(self._sweep)
+
+    def _sweep(self):
+        """Parked keep-alive connections idle past timeouts.idle are closed (once a second)."""
+        while True:
+            gevent.sleep(1.0)
+            self.ctx.sweep()
 
     def _handler(self, listen):
         ctx = self.ctx
@@ -129,9 +154,11 @@ class Proxy:
         def handle(sock, address):
             metrics.connections_total += 1
             try:
-                ClientConnection(sock, address, listen, ctx).handle()
-            finally:
-                self.served += 1
+                conn = ClientConnection(sock, address, listen, ctx)
+            except Exception:       # e.g. no original destination: nothing else owns the socket
+                sock.close()
+                raise
+            conn.handle()
         return handle
 
     def close_sinks(self):
@@ -142,8 +169,9 @@ class Proxy:
             self.recorder.close(timeout=5.0)
 
     def counts(self):
-        """(active connections, connections served so far)."""
-        return len(self.pool), self.served
+        """(open connections, parked included; connections served to the end so far)."""
+        busy = self.ctx.busy()
+        return busy, self.metrics.connections_total - busy
 
     def reload(self):
         """SIGHUP, between RELOADING=1 and READY=1: re-read config, rules and scripts into a
@@ -178,14 +206,19 @@ class Proxy:
         for server in self.servers:
             server.close()
         self.ctx.draining = True
+        self.ctx.sweep(everything=True)          # parked: idle, closed at once
         for conn in list(self.ctx.connections):
             if conn.idle:
                 conn.greenlet.kill(block=False)
         drain = self.ctx.cfg.timeouts.drain
-        if not self.pool.join(timeout=drain):
+        deadline = time.monotonic() + drain
+        while self.ctx.connections and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        if self.ctx.connections:
             log.warning("drain: %d connections still open after %gs, closing them",
-                        len(self.pool), drain)
-            self.pool.kill(timeout=1)
+                        len(self.ctx.connections), drain)
+            gevent.killall([c.greenlet for c in list(self.ctx.connections)], timeout=1)
+        self.sweeper.kill()
         if self.admin is not None:       # /healthz said 503 while the drain lasted
             self.admin.stop()
 

@@ -174,6 +174,10 @@ class _Parser:
             raise RuntimeError("start_next() in state %s" % self._state.name)
         self._state = State.HEAD
         self._empty_lines = 0
+        self.last_head = b""
+        if self._pos == len(self._buf):     # all consumed: an idle connection holds nothing
+            self._buf = bytearray()
+            self._pos = 0
         self._reset_scan()
 
     # --- events ---------------------------------------------------------------------------
@@ -447,6 +451,8 @@ class _Parser:
                                                  "chunked: %s" % _short(te_values[0]))
             return Framing.CLOSE, None
         if cl_values:
+            if len(cl_values) == 1 and _DIGITS.fullmatch(cl_values[0]):
+                return Framing.LENGTH, int(cl_values[0])      # the common case, at once
             lengths = set()
             for value in cl_values:
                 for item in _csv(value):
@@ -460,10 +466,16 @@ class _Parser:
         return None, None
 
 
+_SIMPLE_CONNECTION = {b"keep-alive": frozenset([b"keep-alive"]), b"close": frozenset([b"close"]),
+                      b"Keep-Alive": frozenset([b"keep-alive"]), b"Close": frozenset([b"close"])}
+
+
 def _connection_tokens(headers):
     values = headers.index().get(b"connection")
     if not values:
         return frozenset()
+    if len(values) == 1 and values[0] in _SIMPLE_CONNECTION:
+        return _SIMPLE_CONNECTION[values[0]]        # the common case, without splitting
     tokens = set()
     for value in values:
         tokens.update(t.lower() for t in _csv(value))
