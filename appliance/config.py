@@ -324,7 +324,9 @@ class Config:
         "auto", _choice(("auto", "none", "xff", "rfc7239")),
         "tell the origin the client's address: X-Forwarded-For (xff), Forwarded (rfc7239), "
         "none; auto: xff on regular listeners, none on intercepting ones")
-    workers: int = _opt(1, lambda v: _parse_int(v, 1, 256), "worker processes")
+    workers: typing.Union[int, str] = _opt(
+        1, lambda v: v if v == "auto" else _parse_int(v, 1, 256),
+        "worker processes: N, or auto (one per CPU); each has its own SO_REUSEPORT listeners")
     intercept: typing.Optional[Intercept] = _optional_section(
         Intercept, "interception rules for `sluice iptables`; absent or null: none")
     log_level: str = _opt("info", _choice(LOG_LEVELS), "debug | info | warning | error")

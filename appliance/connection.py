@@ -36,6 +36,7 @@ log = logging.getLogger("sluice")
 
 TLS = object()            # _read_request_head's answer for a TLS ClientHello
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+PARK_AFTER = 1.0          # seconds a keep-alive connection waits with its greenlet, then parks
 EXPECT_WAIT = 1.0         # seconds to wait for the origin's 100 Continue (curl waits 1 s too)
 LINGER_SECONDS = 2.0      # reading what a client still sends after its last answer
 LINGER_BYTES = 64 << 20
@@ -324,7 +325,8 @@ class ClientConnection:
     def _serve(self, first, woken=False):
         """The request loop; True when the connection was parked (see ``handle``)."""
         while True:
-            if not (first or woken) and not self.parser.head_started and not self.ctx.draining:
+            if not (first or woken) and not self.parser.head_started and not self.ctx.draining \
+                    and not self._next_request_soon():
                 self.ctx.park(self)
                 return True
             woken = False
@@ -337,6 +339,15 @@ class ClientConnection:
             first = False
             if not self._request(head):
                 return False
+
+    def _next_request_soon(self):
+        """A busy keep-alive client sends its next request at once: wait PARK_AFTER for it
+        with this greenlet before parking (parking and waking cost watchers each time)."""
+        self.idle = True
+        try:
+            return self.client.readable_within(PARK_AFTER)
+        finally:
+            self.idle = False
 
     def _request(self, head):
         """One request on the connection; True if the connection goes on.  (A method of

@@ -22,6 +22,14 @@ _ids = itertools.count(1)
 _PREFIX = os.urandom(4).hex()
 
 
+def new_process():
+    """After a fork: a prefix of this process's own, so flow ids stay unique (and tell which
+    worker served a flow)."""
+    global _PREFIX, _ids
+    _PREFIX = os.urandom(4).hex()
+    _ids = itertools.count(1)
+
+
 def _text(value):
     return value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else value
 

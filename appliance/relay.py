@@ -67,7 +67,7 @@ class Peer:
 
     __slots__ = ("name", "idle", "fd", "_raw", "_read_watcher", "_write_watcher",
                  "_read_timer", "_write_timer", "eof", "alarm", "on_alarm", "patience",
-                 "_alarm")
+                 "_alarm", "_quiet_timer")
 
     def __init__(self, sock, name, idle):
         self.name = name
@@ -80,6 +80,7 @@ class Peer:
         self._watch()
         self.eof = False
         self._alarm = None
+        self._quiet_timer = None
         # While set, every wait also watches ``alarm`` (another Peer) for readability and
         # calls ``on_alarm()``; when that returns True the wait raises ``Interrupted``.
         self.alarm = None
@@ -97,11 +98,27 @@ class Peer:
         self._read_timer = loop.timer(0.0, self.idle)
         self._write_timer = loop.timer(0.0, self.idle)
 
+    def readable_within(self, seconds):
+        """Wait at most ``seconds`` for something to read (a timer of its own, made once):
+        False if nothing came."""
+        timer = self._quiet_timer
+        if timer is None:
+            timer = self._quiet_timer = get_hub().loop.timer(0.0, seconds)
+        timer.again(self._expire, getcurrent())
+        try:
+            get_hub().wait(self._read_watcher)
+            return True
+        except IdleTimeout:
+            return False
+        finally:
+            timer.stop()
+
     def park(self):
         """Drop the watchers and timers while nothing waits on this socket (an idle
         keep-alive connection); ``unpark`` makes them again."""
         self._release()
         self._read_watcher = self._write_watcher = self._read_timer = self._write_timer = None
+        self._quiet_timer = None
 
     def unpark(self):
         if self._read_watcher is None:
@@ -109,7 +126,7 @@ class Peer:
 
     def _release(self):
         for item in (self._alarm, self._read_timer, self._write_timer, self._read_watcher,
-                     self._write_watcher):
+                     self._write_watcher, self._quiet_timer):
             if item is not None:
                 item.close()
         self._alarm = None

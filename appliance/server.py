@@ -27,7 +27,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from . import __version__, sdnotify, upstream
+from . import __version__, flow, sdnotify, upstream
 from .accesslog import AccessLog
 from .admin import Admin
 from .connection import ClientConnection, Context
@@ -92,9 +92,10 @@ class Listener(StreamServer):
 class Proxy:
     """All listeners of one process, sharing a pool and a context."""
 
-    def __init__(self, policy, loader=None, worker=0):
+    def __init__(self, policy, loader=None, worker=0, workers=1):
         self.cfg = cfg = policy.cfg
         self.worker = worker         # worker N serves the admin endpoint on admin.port + N
+        self.workers = workers
         self.loader = loader         # () -> a new Policy, re-reading every file (SIGHUP)
         self.metrics = Metrics()
         self.recorder = None
@@ -270,39 +271,58 @@ def run(policy, loader=None):
     ``loader`` re-reads the configuration on SIGHUP."""
     cfg = policy.cfg
     setup_logging(cfg.log_level)
-    return serve(policy, loader) if cfg.workers == 1 else _supervise(policy, loader)
+    return serve(policy, loader) if worker_count(cfg) == 1 else _supervise(policy, loader)
+
+
+RESTART_WINDOW = 10.0      # a worker that dies this soon after its start counts as a crash loop
+RESTART_LIMIT = 5          # ... and so many of those in a row stop the whole proxy
 
 
 def _supervise(policy, loader):
+    """Fork ``workers`` workers (before any gevent loop exists here), forward
+    SIGTERM/SIGINT/SIGHUP to them, speak to systemd for them all (``sdnotify.Workers``),
+    restart a worker that dies (logged; a crash loop stops everything), and wait.  Exit 0
+    only if every worker stopped cleanly when asked."""
     cfg = policy.cfg
-    """Fork ``cfg.workers`` workers (before any gevent loop exists here), forward
-    SIGTERM/SIGINT/SIGHUP to them, speak to systemd for them all (``sdnotify.Workers``), and
-    wait.  Exit 0 only if every worker did."""
-    board = sdnotify.Workers(cfg.workers, sdnotify.Notifier.from_environ(),
+    count = worker_count(cfg)
+    board = sdnotify.Workers(count, sdnotify.Notifier.from_environ(),
                              sdnotify.watchdog_interval())
     channel, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    children = {}
-    for worker in range(cfg.workers):
+
+    def fork(worker):
         pid = os.fork()
         if pid == 0:
             channel.close()
             _die_with_parent()
+            flow.new_process()
             setup_logging(cfg.log_level, worker)
             code = 1
             try:
                 code = serve(policy, loader, sdnotify.WorkerChannel(
-                    worker_end, worker, sdnotify.report_interval(board.watchdog)))
+                    worker_end, worker, sdnotify.report_interval(board.watchdog)),
+                    worker=worker, workers=count)
             finally:
                 logging.shutdown()
                 os._exit(code)
-        children[pid] = worker
-    worker_end.close()
-    log.info("%d workers: %s", cfg.workers, " ".join(str(p) for p in children))
-    return _wait_workers(children, channel, board)
+        return pid
+    children = {fork(worker): (worker, time.monotonic()) for worker in range(count)}
+    log.info("%d workers: %s", count, " ".join(str(p) for p in children))
+    try:
+        return _wait_workers(children, channel, board, fork)
+    finally:
+        worker_end.close()
 
 
-def _wait_workers(children, channel, board):
-    """The supervisor's loop: signals, worker notices, exits, STATUS= and WATCHDOG=1."""
+def worker_count(cfg):
+    """``workers: N``, or ``auto``: one per CPU this process may run on."""
+    if cfg.workers == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return cfg.workers
+
+
+def _wait_workers(children, channel, board, fork):
+    """The supervisor's loop: signals, worker notices, exits (restarts), STATUS= and
+    WATCHDOG=1.  ``children``: pid -> (worker index, started)."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -317,6 +337,7 @@ def _wait_workers(children, channel, board):
             except ProcessLookupError:
                 pass
     failed = 0
+    crashes = 0
     while children:
         readable, _, _ = select.select([channel, wake_r], [], [], board.tick())
         if wake_r in readable:
@@ -327,13 +348,26 @@ def _wait_workers(children, channel, board):
             forward(signum)
         _read_notices(channel, board)
         for pid, code in _reap():
-            worker = children.pop(pid, None)
+            worker, started = children.pop(pid, (None, 0.0))
             board.gone(worker)
-            if code != 0:
+            if board.phase == "stopping":
+                if code != 0:
+                    failed += 1
+                    log.error("worker %s (pid %d) exited with %d", worker, pid, code)
+                continue
+            crashes = crashes + 1 if time.monotonic() - started < RESTART_WINDOW else 1
+            if crashes >= RESTART_LIMIT:
                 failed += 1
-                log.error("worker %s (pid %d) exited with %d", worker, pid, code)
+                log.error("worker %s (pid %d) exited with %d, %d times within %gs of its "
+                          "start: stopping", worker, pid, code, crashes, RESTART_WINDOW)
                 board.stop()
-                forward(signal.SIGTERM)      # one worker down: stop the rest, fail
+                forward(signal.SIGTERM)
+                continue
+            new = fork(worker)
+            children[new] = (worker, time.monotonic())
+            board.born(worker)
+            log.error("worker %s (pid %d) exited with %d: restarted as pid %d", worker, pid,
+                      code, new)
     signal.set_wakeup_fd(-1)
     for fd in (wake_r, wake_w):
         os.close(fd)
@@ -370,7 +404,7 @@ def _die_with_parent():
         log.warning("cannot set PR_SET_PDEATHSIG: a worker may outlive a killed supervisor")
 
 
-def serve(policy, loader=None, channel=None):
+def serve(policy, loader=None, channel=None, worker=0, workers=1):
     """One process's proxy: listen, serve until SIGTERM/SIGINT, drain.  It tells systemd
     how it goes (``$NOTIFY_SOCKET``), or, as a worker, the supervisor (``channel``)."""
     cfg = policy.cfg
@@ -378,7 +412,7 @@ def serve(policy, loader=None, channel=None):
         cooperative_stdlib()
     notifier = channel or sdnotify.Notifier.from_environ()
     watchdog = None if channel else sdnotify.watchdog_interval()
-    proxy = Proxy(policy, loader, channel.worker if channel else 0)
+    proxy = Proxy(policy, loader, worker, workers)
     try:
         proxy.start()
     except OSError as exc:
