@@ -309,6 +309,7 @@ def _stream_length(t):
 
 
 def _relay(t, count):
+    t.message.relayed = "spliced" if t.splice else "copied"
     if t.splice:
         pipe = relay.take_pipe()
         try:
@@ -324,6 +325,7 @@ def _stream_events(t, framing, out):
     spliced until EOF."""
     message = t.message
     message.streamed = True
+    message.relayed = "copied"            # through user space (splice sets its own)
     if framing is Framing.CLOSE and out is Framing.CLOSE:
         _stream_until_close(t)
         return
@@ -457,6 +459,7 @@ def _stream_transformed(t, framing, out, held):
     exhausted, the rest of the source is left unread (``t.rest_unread``)."""
     message = t.message
     message.streamed = True
+    message.relayed = "copied"
     message.body_size = 0        # the source counts every piece, the held ones included
     dst = t.dst
     chunked = out is Framing.CHUNKED

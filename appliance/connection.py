@@ -106,7 +106,7 @@ class Context:
         kind = flow.kind
         cfg = self.cfg
         if kind == "http":
-            self.metrics.flow_done(flow, cfg.relay)
+            self.metrics.flow_done(flow)
         elif flow.tunnel is not None:
             self.metrics.bytes[("up", kind)] += flow.tunnel.up.bytes
             self.metrics.bytes[("down", kind)] += flow.tunnel.down.bytes
@@ -405,8 +405,8 @@ class ClientConnection:
             return None
         self.idle = True
         try:
-            if deadline is None:
-                return self.client.recv(wait_first=True)
+            if deadline is None:         # a next request: the socket is readable already
+                return self.client.recv()
             return self.client.recv(seconds=max(deadline - time.monotonic(), 0.001),
                                     wait_first=True)
         except (relay.IdleTimeout, relay.PeerGone):

@@ -124,6 +124,7 @@ class Message:
         self.stream = False          # True or a callable: stream this body (scripts set it)
         self.stream_legacy = False   # the callable came from a (context, flow) script
         self.streamed = False        # the body was streamed (so not recorded)
+        self.relayed = None          # how a streamed body moved: "spliced" or "copied"
         self.body_size = 0           # body bytes received, streamed or not
         self.trailers = None
         self._content = b""
