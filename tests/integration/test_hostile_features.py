@@ -246,3 +246,73 @@ def test_rules_decided_per_request_on_one_keep_alive_connection(lab, sluice, tes
     assert [s for s, _, _ in got] == [200, 403, 200, 200] and rest == b"", reply.data[:800]
     assert [("x-tag" in h) for _, h, _ in got] == [False, False, True, False]
     assert [r["target"] for r in test_origin.requests(mark)] == ["/echo?0", "/echo?2", "/echo?3"]
+
+
+# == record: false ===================================================================================
+
+def store_records(directory) -> list[dict]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(str(directory), "flows-*.jsonl"))):
+        with open(path, "rb") as handle:
+            for line in handle:
+                if line.endswith(b"\n"):
+                    out.append(json.loads(line))
+    return out
+
+
+def wait_recorded(directory, predicate, timeout=8.0) -> list[dict]:
+    """The store's records once one satisfies `predicate` (the control flow)."""
+    return wait_for(lambda: (lambda r: r if any(predicate(x) for x in r) else None)(store_records(directory)),
+                    timeout, "the control flow in the store")
+
+
+PRIVATE_CLIENT = r"""
+import json
+from websockets.sync.client import connect
+with connect("ws://%s:%d/private" % (ORIGIN_IP, 9200), proxy=None, open_timeout=10) as ws:
+    ws.send("the private message")
+    print(json.dumps(ws.recv(timeout=10)))
+"""
+
+RECORD_FALSE_CASES = [
+    pytest.param({}, "plain", id="plain-response-passes"),
+    pytest.param({"respond": {"status": 200, "body": "local"}}, "respond", id="respond"),
+    pytest.param({}, "refused", id="origin-refused"),
+    pytest.param({}, "websocket", id="websocket"),
+    pytest.param({"passthrough": True}, "passthrough", id="passthrough"),
+]
+
+
+@pytest.mark.parametrize("actions, kind", RECORD_FALSE_CASES)
+def test_record_false_ignored_for_flows_without_a_response_stage(lab, sluice, rawserver, tmp_path, actions, kind):
+    # `record: false` keeps a flow out of the store ("flows hold cookies and bodies").  It is
+    # applied only when the response head is handled, so a flow that never gets there is
+    # recorded anyway, with its request head (Cookie included): a respond rule's answer, an
+    # origin that refused the connection (502), a WebSocket (its messages too), a passthrough.
+    store = tmp_path / "flows"
+    rule = dict({"name": "private", "match": {"path": "/private*"}, "record": False}, **actions)
+    if kind == "passthrough":
+        rule["match"] = {"host": "private.example"}
+    handle = sluice(config([rule], record={"dir": str(store)}),
+                    dports=(ORIGIN_PORT, RAW_PORT, WS_PORT, 81))
+    cookie = b"Cookie: session=very-secret\r\n"
+    if kind in ("respond", "plain"):
+        exchange(lab, [send(b"GET /private HTTP/1.1\r\nHost: o\r\n" + cookie + b"Connection: close\r\n\r\n")],
+                 port=ORIGIN_PORT, read_timeout=3)
+    elif kind == "refused":
+        reply = exchange(lab, [send(b"GET /private HTTP/1.1\r\nHost: o\r\n" + cookie + b"Connection: close\r\n\r\n")],
+                         port=81, read_timeout=3)
+        assert reply.parse()[0] == 502
+    elif kind == "websocket":
+        rc, out, err = lab.python(PRIVATE_CLIENT, timeout=30)
+        assert rc == 0 and json.loads(out) == "the private message", err[-2000:]
+    else:
+        rawserver([raw.recv_until(), raw.send(OK)])
+        exchange(lab, [send(b"GET /private HTTP/1.1\r\nHost: private.example\r\n" + cookie + b"\r\n")],
+                 port=RAW_PORT, read_timeout=2)
+    handle.wait_flow(lambda f: "private" in f["url"] or f["mode"] == "passthrough")
+    # a control flow after it: once it is in the store, the private one would be too
+    rc, out, err = lab.curl(["-sS", "-o", "/dev/null", url("/echo?control")])
+    records = wait_recorded(store, lambda r: "control" in json.dumps(r))
+    leaked = [r for r in records if "control" not in json.dumps(r)]
+    assert leaked == [], json.dumps(leaked)[:1500]
