@@ -316,3 +316,137 @@ def test_record_false_ignored_for_flows_without_a_response_stage(lab, sluice, ra
     records = wait_recorded(store, lambda r: "control" in json.dumps(r))
     leaked = [r for r in records if "control" not in json.dumps(r)]
     assert leaked == [], json.dumps(leaked)[:1500]
+
+
+# == scripts ==========================================================================================
+
+def with_script(sluice, tmp_path, text, name="hostile.py", dports=(ORIGIN_PORT, RAW_PORT), **extra):
+    script = tmp_path / name
+    script.write_text(text)
+    return sluice(config(**extra), extra_args=["-s", str(script)], dports=dports)
+
+
+CONCURRENT = r"""
+import json, threading, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def get(path, out):
+    t0 = time.monotonic()
+    try:
+        out[path] = [opener.open("http://%s:%d%s" % (ORIGIN_IP, ORIGIN_PORT, path), timeout=20).status,
+                     time.monotonic() - t0]
+    except Exception as exc:
+        out[path] = [repr(exc), time.monotonic() - t0]
+out = {}
+slow = threading.Thread(target=get, args=("/echo?slow", out))
+slow.start()
+time.sleep(0.5)
+get("/echo?fast", out)
+slow.join(30)
+print(json.dumps(out))
+"""
+
+BLOCKING_HOOKS = [
+    pytest.param("from time import sleep\n", "sleep(3)", id="from-time-import-sleep"),
+    pytest.param("import time\n", "time.sleep(3)", id="time.sleep-passes"),
+    pytest.param("import urllib.request\n",
+                 "urllib.request.urlopen('http://%s:%d/delay?s=3', timeout=10).read()" % (ORIGIN_IP, ORIGIN_PORT),
+                 id="urllib-passes"),
+]
+
+
+@pytest.mark.parametrize("imports, call", BLOCKING_HOOKS)
+def test_hook_that_waits_stalls_every_other_connection(lab, sluice, tmp_path, imports, call):
+    # A hook that waits 3 s on one request.  README: "the standard library's sockets, DNS and
+    # time.sleep are made cooperative", so other connections must go on meanwhile.  The
+    # patching happens after the scripts were imported, so `from time import sleep` (the
+    # usual way to write it) keeps the blocking function: the whole proxy stops for 3 s.
+    with_script(sluice, tmp_path, imports + "def requestheaders(flow):\n"
+                "    if flow.request.path.endswith('slow'):\n        %s\n" % call)
+    rc, out, err = lab.python(CONCURRENT, timeout=60)
+    assert rc == 0, err[-2000:]
+    result = json.loads(out)
+    assert result["/echo?slow"][0] == 200 and result["/echo?fast"][0] == 200, result
+    assert result["/echo?slow"][1] > 2.5, result         # the hook did wait
+    assert result["/echo?fast"][1] < 1.5, result         # not held behind the slow hook
+
+
+METHOD_INJECTIONS = [
+    pytest.param("GET /admin HTTP/1.1\\r\\nX-Injected: 1\\r\\n\\r\\nGET", id="crlf"),
+    pytest.param("GET /admin", id="space"),
+    pytest.param(5, id="int"),
+]
+
+
+@pytest.mark.parametrize("value", METHOD_INJECTIONS)
+def test_script_sets_a_method_that_smuggles_a_request_line(lab, sluice, rawserver, tmp_path, value):
+    # Headers set by scripts are checked (no CR, LF, NUL), the path too, but the method is not:
+    # a script that copies a client's value into flow.request.method (X-HTTP-Method-Override)
+    # or sets a wrong type puts raw bytes on the origin's request line: a second request, a
+    # different target, or 5 NUL bytes (bytes(5)).  The assignment must be refused (the hook
+    # fails, is logged, and the request goes out unmodified).
+    value_text = repr(value) if not isinstance(value, str) else '"%s"' % value
+    handle = with_script(sluice, tmp_path, "def requestheaders(flow):\n    flow.request.method = %s\n" % value_text)
+    server = rawserver([raw.recv_until(), raw.send(OK)])
+    exchange(lab, [send(b"GET /x HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")], read_timeout=3)
+    got = server.received(0)
+    assert got.startswith(b"GET /x HTTP/1.1\r\n"), got[:300]
+    assert got.count(b"\r\n\r\n") == 1 and b"X-Injected" not in got, got[:300]
+    assert "requestheaders failed" in handle.log()
+
+
+HOOK_COUNTER = """
+def request(flow):
+    flow.request.headers["X-Request-Hook"] = "ran"
+def response(flow):
+    flow.response.headers["X-Response-Hook"] = "ran"
+"""
+
+
+@pytest.mark.parametrize("args", [["-sS", "-D", "-", "-o", "/dev/null", url("/echo")],
+                                  ["-sS", "-I", url("/bytes?n=5")],
+                                  ["-sS", "-D", "-", url("/status?code=204")],
+                                  ["-sS", "-D", "-", "-o", "/dev/null", "--data", "x", url("/echo")]],
+                         ids=["GET", "HEAD", "204", "POST-passes"])
+def test_request_and_response_hooks_skipped_for_messages_without_a_body(lab, sluice, tmp_path, test_origin, args):
+    # mitmproxy's `request` and `response` hooks run for every exchange: they are what most
+    # scripts use.  Sluice runs them only once a body was buffered, so a GET (no request body)
+    # never sees `request`, and a HEAD or 204 response never sees `response`.
+    with_script(sluice, tmp_path, HOOK_COUNTER)
+    mark = test_origin.mark()
+    rc, out, err = lab.curl(args)
+    assert rc == 0, err
+    sent = {k.lower(): v for k, v in test_origin.requests(mark)[0]["headers"]}
+    missed = [name for name, ran in (("request", sent.get("x-request-hook") == "ran"),
+                                      ("response", b"x-response-hook: ran" in out.lower())) if not ran]
+    assert missed == [], (missed, sent, out[:500])
+
+
+def test_script_turning_head_into_get_desynchronises_the_client(lab, sluice, tmp_path, test_origin):
+    # A script rewrites HEAD to GET (as some "method normalising" scripts do).  The response
+    # to the client must still be framed for what the CLIENT asked, HEAD: no body.  Sluice
+    # frames it by the rewritten method and sends the GET's body to a HEAD client, which reads
+    # it as the start of the next response (pipelined GET after it): desynchronised.
+    with_script(sluice, tmp_path, "def requestheaders(flow):\n"
+                "    if flow.request.method == 'HEAD':\n        flow.request.method = 'GET'\n")
+    request = (b"HEAD /bytes?n=100 HTTP/1.1\r\nHost: o\r\n\r\n"
+               b"GET /bytes?n=7 HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")
+    reply = exchange(lab, [send(request)], port=ORIGIN_PORT, read_timeout=4)
+    got, rest = responses(reply.data, head_request=(0,))
+    assert [s for s, _, _ in got] == [200, 200] and rest == b"", reply.data[:400]
+    assert len(got[1][2]) == 7, reply.data[:400]
+
+
+def test_script_turning_get_into_head_leaves_the_client_waiting(lab, sluice, tmp_path):
+    # The other way: GET rewritten to HEAD.  The origin answers without a body (as it must to
+    # a HEAD) but with Content-Length: 100; the client asked GET, so a response with
+    # Content-Length 100 and no body leaves it waiting for 100 bytes that never come (or
+    # eating the next response).  Sluice must frame the client's response so that it is
+    # complete: a body of the announced length never arrives, so the head must not announce it.
+    with_script(sluice, tmp_path, "def requestheaders(flow):\n"
+                "    if flow.request.path.startswith('/bytes'):\n        flow.request.method = 'HEAD'\n")
+    reply = exchange(lab, [send(b"GET /bytes?n=100 HTTP/1.1\r\nHost: o\r\n\r\n"
+                                b"GET /echo HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")],
+                     port=ORIGIN_PORT, read_timeout=4)
+    got, rest = responses(reply.data)
+    assert [s for s, _, _ in got] == [200, 200] and rest == b"", reply.data[:400]
+    assert json.loads(got[1][2])["target"] == "/echo", reply.data[:400]
