@@ -250,6 +250,17 @@ def test_rules_decided_per_request_on_one_keep_alive_connection(lab, sluice, tes
 
 # == record: false ===================================================================================
 
+def dechunk(data: bytes) -> bytes:
+    out = b""
+    while True:
+        line, _, data = data.partition(b"\r\n")
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            return out
+        assert data[size:size + 2] == b"\r\n", data[:size + 2]
+        out, data = out + data[:size], data[size + 2:]
+
+
 def store_records(directory) -> list[dict]:
     out = []
     for path in sorted(glob.glob(os.path.join(str(directory), "flows-*.jsonl"))):
@@ -450,3 +461,165 @@ def test_script_turning_get_into_head_leaves_the_client_waiting(lab, sluice, tmp
     got, rest = responses(reply.data)
     assert [s for s, _, _ in got] == [200, 200] and rest == b"", reply.data[:400]
     assert json.loads(got[1][2])["target"] == "/echo", reply.data[:400]
+
+
+# == reload ===========================================================================================
+
+def rules_file(directory, to):
+    (directory / "a.yaml").write_text(
+        "- {name: gen-%s, match: {path: /*}, stream: true, replace: [{from: foo, to: %s}]}\n" % (to, to))
+
+
+def test_reload_mid_transfer_keeps_the_exchange_policy(lab, sluice, rawserver, tmp_path):
+    # A streamed response rewritten by a replace rule trickles for 2 s; halfway, SIGHUP loads
+    # a rule that rewrites to something else.  The exchange in flight keeps the policy it
+    # started with (every "foo" of it becomes "bar"); the next request on the same keep-alive
+    # connection gets the new one.
+    rules_dir = tmp_path / "rules.d"
+    rules_dir.mkdir()
+    rules_file(rules_dir, "bar")
+    handle = sluice(config(rules_dir=str(rules_dir)), dports=(RAW_PORT,))
+    # Content-Length framing: a chunked one trips over another fault (see
+    # test_forced_stream_with_a_transform_on_chunked_or_close_bodies_is_a_500)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 50\r\n\r\n"
+    steps = [raw.recv_until(), raw.send(head)]
+    for _ in range(10):
+        steps += [raw.send(b"foo.."), raw.sleep(0.2)]
+    steps += [raw.recv_until(), raw.send(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nfoo")]
+    rawserver(steps)
+
+    def reload_midway():
+        time.sleep(1.0)
+        rules_file(rules_dir, "NEW")
+        handle.send_signal(signal.SIGHUP)
+    import threading
+    thread = threading.Thread(target=reload_midway)
+    thread.start()
+    reply = exchange(lab, [send(b"GET /1 HTTP/1.1\r\nHost: o\r\n\r\n"), read_until(b"0\r\n\r\n"),
+                           send(b"GET /2 HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")], read_timeout=5)
+    thread.join()
+    first, _, second = reply.data.partition(b"0\r\n\r\n")
+    body = dechunk(first.partition(b"\r\n\r\n")[2] + b"0\r\n\r\n")
+    assert body.count(b"bar..") == 10 and b"NEW" not in body, reply.data[:600]
+    assert dechunk(second.partition(b"\r\n\r\n")[2]) == b"NEW", second
+    handle.wait_log("reloaded:")
+
+
+WS_REPLACE_CLIENT = r"""
+import json
+from websockets.sync.client import connect
+got = []
+with connect("ws://%s:%d/x" % (ORIGIN_IP, 9200), proxy=None, open_timeout=10) as ws:
+    ws.send("foo 1"); got.append(ws.recv(timeout=10))
+    open(sys.argv[1], "w").write("sent")
+    time.sleep(2.0)                       # the test reloads meanwhile
+    ws.send("foo 2"); got.append(ws.recv(timeout=10))
+print(json.dumps(got))
+"""
+
+
+def test_reload_mid_websocket_keeps_its_replace_rules(lab, sluice, tmp_path):
+    # A WebSocket whose messages a replace rule rewrites (request direction) stays on the
+    # policy of its upgrade across a SIGHUP that changes the rule.
+    rules_dir = tmp_path / "rules.d"
+    rules_dir.mkdir()
+    (rules_dir / "a.yaml").write_text("- {name: ws, match: {path: /x}, direction: request, replace: [{from: foo, to: bar}]}\n")
+    handle = sluice(config(rules_dir=str(rules_dir)), dports=(WS_PORT,))
+    flag = tmp_path / "flag"
+    proc = lab.client.popen([sys.executable, "-c", lab.python_preamble() + "sys.argv[1:] = [%r]\n" % str(flag)
+                             + WS_REPLACE_CLIENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(flag.exists, 15, "the first message")
+        (rules_dir / "a.yaml").write_text("- {name: ws, match: {path: /x}, direction: request, replace: [{from: foo, to: NEW}]}\n")
+        handle.send_signal(signal.SIGHUP)
+        handle.wait_log("reloaded:")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert json.loads(out) == ["bar 1", "bar 2"], err[-2000:]
+
+
+def test_reload_storm_under_traffic(lab, sluice, tmp_path):
+    # 40 SIGHUPs 50 ms apart, a broken file every fifth time and a script re-imported each
+    # time, while 4 clients loop over keep-alive requests: no request fails, no traceback,
+    # the proxy lives and ends on the last good policy.
+    rules_dir = tmp_path / "rules.d"
+    rules_dir.mkdir()
+    script = tmp_path / "tag.py"
+    script.write_text("def responseheaders(flow):\n    flow.response.headers['X-Script'] = 'yes'\n")
+    (rules_dir / "a.yaml").write_text("- {name: g0, match: {path: /*}, set_headers: {X-Gen: '0'}}\n")
+    handle = sluice(config(rules_dir=str(rules_dir), scripts=[str(script)]), dports=(ORIGIN_PORT,))
+    view = LogView(handle)
+    targets = " ".join(["-o /dev/null " + url("/bytes?n=2000")] * 150 + ["-o /dev/null " + url("/echo")] * 50)
+    load = lab.client.popen(["sh", "-c", "for i in 1 2 3 4; do (curl -s -w '%%{http_code}\\n' "
+                             "--max-time 10 %s) & done; wait" % targets],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for gen in range(1, 41):
+            text = ("- {name: g%d, match: {path: /*}, set_headers: {X-Gen: '%d'}}\n" % (gen, gen)
+                    if gen % 5 else "- {name: broken, match: {port: nope}, stream: true}\n")
+            (rules_dir / "a.yaml").write_text(text)
+            handle.send_signal(signal.SIGHUP)
+            time.sleep(0.05)
+        out, err = load.communicate(timeout=120)
+    finally:
+        if load.poll() is None:
+            load.kill()
+    codes = out.decode().split()
+    assert len(codes) == 800 and set(codes) == {"200"}, sorted(set(codes))
+    (rules_dir / "a.yaml").write_text("- {name: last, match: {path: /*}, set_headers: {X-Gen: 'last'}}\n")
+    handle.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    rc, head, err = lab.curl(["-sS", "-D", "-", "-o", "/dev/null", url("/echo")])
+    assert b"X-Gen: last" in head and b"X-Script: yes" in head, head
+    assert handle.running()
+    view.no_traceback()
+
+
+# == streamed bodies through transforms ================================================================
+
+FOO_PIECES = [b"one fo", b"o two f", b"oo three", b" foo"]
+
+
+def pieces_origin(rawserver, framing):
+    """An origin sending FOO_PIECES 0.1 s apart: chunked, Content-Length or until close."""
+    text = b"".join(FOO_PIECES)
+    extra = {"chunked": b"Transfer-Encoding: chunked\r\n", "length": b"Content-Length: %d\r\n" % len(text),
+             "close": b"Connection: close\r\n"}[framing]
+    steps = [raw.recv_until(), raw.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + extra + b"\r\n")]
+    for piece in FOO_PIECES:
+        steps += [raw.send(b"%x\r\n%s\r\n" % (len(piece), piece) if framing == "chunked" else piece), raw.sleep(0.1)]
+    steps.append(raw.send(b"0\r\n\r\n") if framing == "chunked" else raw.close())
+    return rawserver(steps)
+
+
+GENERATOR = "def modify(chunks):\n    for c in chunks:\n        yield c.replace(b'o', b'0')\n" \
+            "def responseheaders(flow):\n    flow.response.stream = modify\n"
+
+
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+@pytest.mark.parametrize("framing", ["chunked", "close", "length-passes"])
+@pytest.mark.parametrize("how", ["rule", "script"])
+def test_forced_stream_with_a_transform_on_chunked_or_close_bodies_is_a_500(lab, sluice, rawserver, tmp_path,
+                                                                            how, framing, version):
+    # The heart of the streaming API: a body streamed from its first byte (a rule's `stream:
+    # true`, a script's `flow.response.stream = generator`) through a transform (replace, the
+    # generator).  For a chunked or close-delimited body `forward` hands `_stream` an empty
+    # list where it expects the held buffer: AttributeError, "internal error" with a
+    # traceback, the client gets a head and no body.  (test_rules.py's
+    # test_replace_rule_across_chunk_boundaries[streamed-chunked] fails on main for this.)
+    framing = framing.split("-")[0]
+    if how == "rule":
+        handle = sluice(config([{"name": "rw", "match": {"path": "/*"}, "stream": True,
+                                 "replace": [{"from": "o", "to": "0"}]}]), dports=(RAW_PORT,))
+    else:
+        handle = with_script(sluice, tmp_path, GENERATOR)
+    view = LogView(handle)
+    pieces_origin(rawserver, framing)
+    reply = exchange(lab, [send(b"GET / HTTP/%s\r\nHost: o\r\nConnection: close\r\n\r\n" % version)], read_timeout=5)
+    head, _, rest = reply.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply.data[:300]
+    expected = b"".join(FOO_PIECES).replace(b"o", b"0")
+    assert (dechunk(rest) if version == b"1.1" else rest) == expected, reply.data[:500]
+    view.no_traceback()
