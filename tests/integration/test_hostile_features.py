@@ -686,3 +686,67 @@ def test_stream_callables_that_misbehave(lab, sluice, rawserver, tmp_path, scrip
     want = {"same": body, "same+8m": body + b"z" * (8 << 20), "upper": body.upper()}.get(expected, expected)
     assert dechunk(first + sep) == want
     assert second.endswith(b"\r\n\r\nok"), second[-200:]
+
+
+# == WebSocket ===========================================================================================
+
+from tests.integration.test_websocket import ACCEPT, SWITCH, UPGRADE, frame, frames_of  # noqa: E402
+
+DEFLATE_UPGRADE = UPGRADE.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n")
+DEFLATE_SWITCH = SWITCH.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n")
+
+BOMB_CLIENT = r"""
+import json, struct, zlib
+copies = int(sys.argv[1])
+c = zlib.compressobj(9, zlib.DEFLATED, -15)
+block = c.compress(bytes(64 << 20)) + c.flush(zlib.Z_SYNC_FLUSH)    # 64 MiB of zeros, ~64 KiB
+payload = (block * copies)[:-4]                 # RFC 7692: the 00 00 ff ff tail is removed
+key = os.urandom(4)
+padded = payload + bytes(-len(payload) % 4)
+masked = (int.from_bytes(padded, "big") ^ int.from_bytes(key * (len(padded) // 4), "big")).to_bytes(
+    len(padded), "big")[:len(payload)]
+head = bytes([0xC2, 0x80 | 127]) + struct.pack("!Q", len(payload)) + key   # FIN, RSV1, binary
+s = socket.create_connection((ORIGIN_IP, RAW_PORT), timeout=20)
+s.sendall(UPGRADE)
+data = b""
+while b"\r\n\r\n" not in data:
+    data += s.recv(4096)
+s.sendall(head + masked)
+s.settimeout(4)
+try:
+    while (chunk := s.recv(65536)):
+        data += chunk
+except OSError:
+    pass
+print(json.dumps({"sent": len(head) + len(payload), "reply": data.partition(b"\r\n\r\n")[2][:40].hex()}))
+"""
+
+
+def cpu_seconds(pid):
+    fields = Path("/proc/%d/stat" % pid).read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "buffered-passes"])
+def test_permessage_deflate_bomb_inflated_without_bound_when_streaming(lab, sluice, rawserver, stream):
+    # 1 MiB on the wire that inflates to 1 GiB (one compressed binary message).  The issue:
+    # "decompressed size is bounded by the same limits (no bomb)".  Buffered, the message is
+    # cut at body_size_limit (1009).  Streaming, Sluice inflates all of it (only to record
+    # the first record.max_message_bytes), seconds of CPU for every MiB a client sends: the
+    # amplification is unbounded.  It must stop inflating past the limit.
+    handle = sluice(config(stream_websockets=stream, body_size_limit="64m",
+                           timeouts={"idle": "20s", "header": "3s"}), dports=(RAW_PORT,))
+    rawserver([raw.recv_until(), raw.send(DEFLATE_SWITCH), raw.recv_all(timeout=25)], idle_timeout=25)
+    before = cpu_seconds(handle.pid)
+    code = "UPGRADE = %r\nsys.argv[1:] = ['16']\n" % DEFLATE_UPGRADE + BOMB_CLIENT
+    proc = lab.client.popen([sys.executable, "-c", lab.python_preamble() + code],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    spent = cpu_seconds(handle.pid) - before
+    assert handle.running()
+    assert spent < 1.5, "the proxy spent %.1f s of CPU on 1 MiB of input" % spent
