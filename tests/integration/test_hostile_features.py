@@ -827,3 +827,89 @@ def test_flows_active_shows_tunnels_and_websockets(lab, sluice, rawserver):
             proc.kill()
             proc.wait(5)
     assert "Traceback" not in handle.log()
+
+
+SLOWLORIS = r"""
+import socket, sys, time
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.create_connection(("127.0.0.1", 8081), timeout=5)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    socks.append(s)
+print("READY", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    for s in socks:
+        try:
+            s.sendall(b"X")
+        except OSError:
+            pass
+    time.sleep(1.0)
+"""
+
+
+def test_admin_slots_held_forever_by_slowloris_clients(lab, sluice):
+    # 40 local clients each trickle a request head into the admin endpoint, a byte a second.
+    # The admin pool has 32 slots and only an idle timeout (a byte a second is never idle),
+    # no deadline for a head: the slots are held as long as the clients like, and /healthz
+    # (what systemd, a load balancer or a monitor polls) hangs.  The proxy itself must not
+    # stall (it does not: asserted too); the endpoint must bound how long a head may take.
+    handle = admin_proxy(sluice)
+    attack = lab.gateway.popen([sys.executable, "-c", SLOWLORIS, "40", "15"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert attack.stdout.readline().strip() == "READY"
+        t0 = time.monotonic()
+        rc, out, err = lab.curl(["-sS", "-o", "/dev/null", "-w", "%{http_code}", url("/echo")], timeout=5)
+        assert out == b"200" and time.monotonic() - t0 < 2, "the proxy stalled"
+        time.sleep(1.0)
+        probe = lab.gateway.run(["curl", "-sS", "--noproxy", "*", "--max-time", "8", "-o", "/dev/null", "-w",
+                                 "%{http_code}", "http://127.0.0.1:8081/healthz"], capture_output=True, timeout=20)
+        assert probe.stdout == b"200", "/healthz did not answer within 8 s (%r)" % probe.stderr
+    finally:
+        attack.kill()
+        attack.wait(5)
+    assert handle.running()
+
+
+HAR_READERS = r"""
+import socket, sys, time
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", 8081))
+    s.sendall(b"GET /flows.har HTTP/1.1\r\nHost: x\r\n\r\n")
+    socks.append(s)
+print("READY", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_har_downloads_by_clients_that_do_not_read_hold_memory(lab, sluice, tmp_path):
+    # /flows.har is built whole in memory (up to the newest 32 MiB of the store, base64
+    # bodies and all) and handed to the client; the builds are serialised, but each finished
+    # document stays in memory until its client has read it.  16 local clients that ask
+    # and never read hold 16 copies: a store of ~16 MiB costs ~250 MiB of proxy memory
+    # (32 clients and a full window: a GiB).  Memory must stay bounded whatever admin
+    # clients do.
+    store = tmp_path / "flows"
+    handle = admin_proxy(sluice, record={"dir": str(store)})
+    for i in range(12):
+        rc, out, err = lab.curl(["-sS", "-o", "/dev/null", url("/bytes?n=1000000&i=%d" % i)])
+        assert rc == 0, err
+    wait_for(lambda: sum(os.path.getsize(p) for p in glob.glob(str(store / "flows-*.jsonl"))) > 15 * MIB,
+             10, "the store filled")
+    rss = handle.rss_kib()
+    readers = lab.gateway.popen([sys.executable, "-c", HAR_READERS, "16", "40"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert readers.stdout.readline().strip() == "READY"
+        grown = 0
+        for _ in range(40):            # the builds run one at a time: let them all finish
+            time.sleep(0.5)
+            grown = max(grown, handle.rss_kib() - rss)
+            if grown >= 96 * 1024:
+                break
+        assert grown < 96 * 1024, "RSS grew by %d MiB" % (grown // 1024)
+    finally:
+        readers.kill()
+        readers.wait(5)
