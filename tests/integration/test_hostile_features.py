@@ -1021,3 +1021,59 @@ def test_error_response_recorded_without_its_body_breaks_the_pcap(lab, sluice, t
     pcap = tmp_path / "flows.pcap"
     assert flows_cli("--dir", store, "--pcap", pcap).returncode == 0
     assert tshark_fields(pcap, "http.response", "http.response.code") == [["502"]]
+
+
+# == the access log ==========================================================================================
+
+from tests.integration.conftest import ACCESS_FIELDS, Sluice  # noqa: E402
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+
+
+class PipedSluice(Sluice):
+    """The proxy with its stderr on a pipe (as under systemd: a stream to journald), copied
+    to stderr_path by `cat`."""
+
+    def start(self, timeout=10.0):
+        with open(self.stderr_path, "wb") as out:
+            self.cat = self.lab.gateway.popen(["cat"], stdin=subprocess.PIPE, stdout=out)
+        self.proc = self.lab.gateway.popen(self.argv, stdout=subprocess.DEVNULL, stderr=self.cat.stdin)
+        self.cat.stdin.close()
+        self.lab.gateway.on_teardown(self.close)
+        for port in self.ports:
+            self.lab.gateway.wait_listening(port, timeout, self.proc)
+        for dport in self.dports:
+            self.lab.redirect(self.port, dport)
+            self.redirected.append(dport)
+        return self
+
+    def close(self):
+        super().close()
+        if self.cat.poll() is None:
+            self.cat.kill()
+            self.cat.wait(5)
+
+
+def test_access_log_lines_of_two_workers_interleave_on_a_pipe(lab, tmp_path):
+    # Under systemd stderr is a stream to journald, shared by every worker.  Each worker
+    # writes its pending access lines as one big write every half second; a write to a pipe
+    # or stream socket larger than PIPE_BUF is not atomic, so two workers' batches can be
+    # cut into each other mid-line: lines lost or garbled in the journal.  Every line must
+    # come out whole (write line-sized pieces, or batches of at most PIPE_BUF).
+    handle = PipedSluice(lab, config(workers=2), workdir=tmp_path / "piped", dports=(ORIGIN_PORT,))
+    try:
+        handle.start()
+        wrk = lab.client.run(["wrk", "-t2", "-c64", "-d6s", url("/bytes?n=10&padding=%s" % ("p" * 6000))],
+                             capture_output=True, text=True, timeout=60)
+        total = int(re.search(r"(\d+) requests in", wrk.stdout).group(1))
+        assert total > 1000, wrk.stdout
+        handle.stop(signal.SIGTERM, 15)
+        handle.cat.wait(10)
+    finally:
+        handle.close()
+    lines = handle.log().splitlines()
+    broken = [line for line in lines if not LOG_LINE.match(line) and not (
+        re.match(r"^\d{4}-\d\d-\d\dT", line) and len(line.split(" ", 11)) == 12 and line.endswith('""'))]
+    access = [line for line in lines if re.match(r"^\d{4}-\d\d-\d\dT", line)]
+    assert broken == [], "%d broken lines, e.g. %r" % (len(broken), broken[:3])
+    assert len(access) >= total, (len(access), total)
