@@ -1133,3 +1133,81 @@ def test_flows_follow_through_rotation(lab, sluice, tmp_path):
     ids = [json.loads(line)["http"]["url"].rpartition("=")[2] for line in out.splitlines()]
     assert len(glob.glob(str(store / "flows-*.jsonl"))) > 5
     assert sorted(map(int, ids)) == list(range(400)), (len(ids), err[-1000:])
+
+
+# == TLS passthrough ========================================================================================
+
+from tests.integration.test_rules import TLS_PORT, tls_server  # noqa: E402,F401  (a module fixture)
+
+TRICKLED_TLS = r"""
+import json, ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(incoming, outgoing, server_hostname=sys.argv[1])
+s = socket.create_connection((ORIGIN_IP, int(sys.argv[2])), timeout=10)
+piece, pause = int(sys.argv[3]), float(sys.argv[4])
+first = True
+while True:
+    try:
+        tls.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        pass
+    data = outgoing.read()
+    if first:                       # the ClientHello: in tiny pieces
+        for i in range(0, len(data), piece):
+            s.sendall(data[i:i + piece])
+            time.sleep(pause)
+        first = False
+    elif data:
+        s.sendall(data)
+    chunk = s.recv(65536)
+    if not chunk:
+        print(json.dumps({"error": "closed during the handshake"}))
+        sys.exit(0)
+    incoming.write(chunk)
+tls.write(b"GET / HTTP/1.0\r\n\r\n")
+s.sendall(outgoing.read())
+page = b""
+s.settimeout(5)
+while b"s_server" not in page:              # openssl s_server -www names itself
+    try:
+        page += tls.read(65536)
+        continue
+    except ssl.SSLWantReadError:
+        pass
+    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+        break
+    data = s.recv(65536)
+    if not data:
+        break
+    incoming.write(data)
+print(json.dumps({"error": None, "page": page[:200].decode("latin-1")}))
+"""
+
+
+@pytest.mark.parametrize("piece, pause", [(1, 0.002), (7, 0.05)], ids=["byte-by-byte", "7-bytes-50ms"])
+def test_tls_client_hello_in_tiny_pieces_is_relayed(lab, sluice, tls_server, piece, pause):
+    # Passing guard.  A real TLS client whose ClientHello (~500 bytes) arrives a byte at a
+    # time, or in 7-byte pieces 50 ms apart (~3.5 s, within timeouts.header): the SNI is read
+    # across every split, the rule on it applies, and the handshake completes through Sluice.
+    handle = sluice(config([{"name": "bank", "match": {"host": "*.bank.example"}, "passthrough": True}],
+                           timeouts={"header": "10s", "idle": "5s"}), dports=(TLS_PORT,))
+    rc, out, err = lab.python("sys.argv[1:] = ['secure.bank.example', '%d', '%d', '%g']\n" % (TLS_PORT, piece, pause)
+                              + TRICKLED_TLS, timeout=60)
+    assert rc == 0, err[-2000:]
+    result = json.loads(out)
+    assert result["error"] is None and "s_server" in result["page"], result
+    flow = handle.wait_flow(lambda f: f["mode"] == "passthrough")
+    assert flow["url"] == "secure.bank.example"
+
+
+def test_tls_to_a_port_without_rules_is_relayed_and_http_on_it_still_parsed(lab, sluice, tls_server):
+    # Passing guard.  No rule at all: a TLS client on an intercepted port is relayed as is
+    # (never answered with an HTTP 400 in plain text), and the flow keeps its SNI.
+    handle = sluice(config(), dports=(TLS_PORT,))
+    rc, out, err = lab.python("sys.argv[1:] = ['plain.example', '%d', '4096', '0']\n" % TLS_PORT + TRICKLED_TLS,
+                              timeout=60)
+    assert rc == 0 and json.loads(out)["error"] is None, (out, err[-2000:])
+    assert handle.wait_flow(lambda f: f["mode"] == "passthrough")["url"] == "plain.example"
