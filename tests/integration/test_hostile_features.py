@@ -21,6 +21,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -1211,3 +1212,117 @@ def test_tls_to_a_port_without_rules_is_relayed_and_http_on_it_still_parsed(lab,
                               timeout=60)
     assert rc == 0 and json.loads(out)["error"] is None, (out, err[-2000:])
     assert handle.wait_flow(lambda f: f["mode"] == "passthrough")["url"] == "plain.example"
+
+
+# == respond rules on requests with bodies ====================================================================
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_respond_rule_on_a_request_with_a_body_and_a_pipelined_one(lab, sluice, test_origin, framing):
+    # Passing guard.  A 2 MiB upload (Content-Length or chunked) to a blocked host, with a
+    # request pipelined after it: the 403 comes at once, with Connection: close (the body is
+    # not read, so the connection cannot go on), the client can still send its whole body
+    # (Sluice lingers) and nothing reaches the origin.
+    sluice(config([BLOCK]), dports=(ORIGIN_PORT,))
+    mark = test_origin.mark()
+    body = b"x" * (2 * MIB)
+    if framing == "length":
+        request = b"POST /up HTTP/1.1\r\nHost: ads.example\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    else:
+        request = (b"POST /up HTTP/1.1\r\nHost: ads.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + b"".join(b"10000\r\n" + body[i:i + 65536] + b"\r\n" for i in range(0, len(body), 65536))
+                   + b"0\r\n\r\n")
+    request += b"GET /echo HTTP/1.1\r\nHost: fine.example\r\nConnection: close\r\n\r\n"
+    reply = exchange(lab, [send(request)], port=ORIGIN_PORT, read_timeout=6)
+    assert reply.step_error is None, reply.step_error
+    got, rest = responses(reply.data)
+    assert [s for s, _, _ in got] == [403] and got[0][2] == b"blocked\n" and rest == b"", reply.data[:400]
+    assert got[0][1]["connection"] == ["close"] and reply.eof
+    assert test_origin.requests(mark) == []
+
+
+# == WebSocket: the protocol from both sides ====================================================================
+
+def ws_proxy(sluice, stream=False, **extra):
+    return sluice(config(stream_websockets=stream, body_size_limit="1m",
+                         timeouts={"idle": "3s", "header": "3s"}, **extra), dports=(RAW_PORT, WS_PORT))
+
+
+def close_code(frames):
+    closes = [p for op, _, p in frames if op == 8]
+    return struct.unpack("!H", closes[0][:2])[0] if closes and len(closes[0]) >= 2 else None
+
+
+SERVER_FAULTS = [
+    pytest.param(frame(1, b"\xff\xfe not utf-8", mask=False), 1007, id="invalid-utf8-1007"),
+    pytest.param(frame(2, b"x" * (2 * MIB), mask=False), 1009, id="too-big-1009"),
+    pytest.param(frame(1, b"masked by a server", mask=True), 1002, id="masked-server-frame-1002"),
+    pytest.param(bytes([0x89, 126]) + struct.pack("!H", 200) + b"p" * 200, 1002, id="long-ping-1002"),
+]
+
+
+@pytest.mark.parametrize("data, code, stream", [
+    pytest.param(*case.values, stream, id="%s-%s" % ("stream" if stream else "buffered", case.id))
+    for case in SERVER_FAULTS for stream in (False, True) if not (stream and case.values[1] == 1009)])
+def test_websocket_violation_from_the_server_closes_both_sides_with_its_code(lab, sluice, rawserver, data, code, stream):
+    # Passing guard (the client-side cases are in test_websocket.py).  The origin sends a
+    # text message that is not UTF-8, a message over body_size_limit, a masked frame, a ping
+    # longer than 125 bytes: both sides get a close frame with the code the fault earns, one
+    # log line, no traceback.  (Streaming has no size limit: 1009 is buffered-only.)
+    handle = ws_proxy(sluice, stream)
+    server = rawserver([raw.recv_until(), raw.send(SWITCH + data), raw.recv_all(timeout=5)])
+    reply = exchange(lab, [send(UPGRADE)], read_timeout=5)
+    assert reply.data.startswith(b"HTTP/1.1 101"), reply.data[:200]
+    assert close_code(frames_of(reply.data.partition(b"\r\n\r\n")[2])) == code, reply.data[:200]
+    time.sleep(0.3)
+    if code != 1009:        # the scripted server is still stuck sending its 2 MiB: it reads nothing
+        to_server = frames_of(server.received(0).partition(b"\r\n\r\n")[2])
+        assert close_code(to_server) == code, to_server
+    assert handle.log().count("close %d sent" % code) == 1, handle.log()[-2000:]
+    assert "Traceback" not in handle.log()
+
+
+def test_websocket_101_with_frames_in_the_same_packet(lab, sluice, rawserver):
+    # Passing guard.  The origin's 101 and its first two frames (a text and a ping) come in
+    # one write: the frames are not lost behind the head (the HTTP parser read them).
+    ws_proxy(sluice)
+    rawserver([raw.recv_until(), raw.send(SWITCH + frame(1, b"hello first", mask=False) + frame(9, b"p", mask=False)),
+               raw.recv_all(timeout=3)])
+    reply = exchange(lab, [send(UPGRADE)], read_timeout=2)
+    got = frames_of(reply.data.partition(b"\r\n\r\n")[2])
+    assert got[:2] == [(1, True, b"hello first"), (9, True, b"p")], got
+
+
+PINGER = r"""
+import json, struct
+s = socket.create_connection((ORIGIN_IP, RAW_PORT), timeout=10)
+s.sendall(UPGRADE)
+data = b""
+while b"\r\n\r\n" not in data:
+    data += s.recv(4096)
+t0 = time.monotonic()
+for _ in range(6):                       # 6 s of pings, every second (idle is 3 s)
+    time.sleep(1.0)
+    s.sendall(bytes([0x89, 0x84]) + b"\x00\x00\x00\x00" + b"ping")
+alive = True
+s.settimeout(8)
+try:
+    while (chunk := s.recv(65536)):
+        data += chunk
+except OSError:
+    pass
+print(json.dumps({"closed_after": time.monotonic() - t0, "tail": data.partition(b"\r\n\r\n")[2].hex()}))
+"""
+
+
+def test_websocket_pings_keep_an_idle_connection_open_then_idle_closes_it(lab, sluice, rawserver):
+    # Passing guard.  No data either way for 6 s, but a ping a second from the client: the
+    # connection outlives timeouts.idle (3 s) while pings pass, then is closed with 1001
+    # about 3 s after the last one.
+    ws_proxy(sluice)
+    rawserver([raw.recv_until(), raw.send(SWITCH), raw.recv_all(timeout=15)], idle_timeout=15)
+    rc, out, err = lab.python("UPGRADE = %r\n" % UPGRADE + PINGER, timeout=40)
+    assert rc == 0, err[-2000:]
+    result = json.loads(out)
+    frames = frames_of(bytes.fromhex(result["tail"]))
+    assert close_code(frames) == 1001, frames
+    assert 7.5 < result["closed_after"] < 12, result
