@@ -1380,3 +1380,71 @@ def test_idle_websocket_costs_more_than_an_idle_keep_alive_connection(lab, sluic
         costs.setdefault(kind, []).append(held_rss_per_connection(lab, handle, kind, 300, port))
     http, ws = max(costs["http"]), costs["ws"][0]
     assert ws <= 1.5 * http + 4, "idle WebSocket %.1f KiB vs keep-alive %.1f KiB (%r)" % (ws, http, costs)
+
+
+# == reload of bad rule files =================================================================================
+
+from tests.unit.test_hostile_features_rules import laughs  # noqa: E402
+
+LATENCIES = r"""
+import json, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+worst, n, end = 0.0, 0, time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    t0 = time.monotonic()
+    opener.open("http://%s:%d/echo" % (ORIGIN_IP, ORIGIN_PORT), timeout=30).read()
+    worst, n = max(worst, time.monotonic() - t0), n + 1
+    time.sleep(0.05)
+print(json.dumps({"worst": worst, "n": n}))
+"""
+
+
+def test_reload_of_a_yaml_alias_bomb_stalls_every_connection(lab, sluice, tmp_path):
+    # A 700-byte rule file of YAML aliases (see tests/unit/test_hostile_features_rules.py)
+    # and a SIGHUP: the reload parses it on the event loop for seconds (minutes for one more
+    # level), and every connection waits meanwhile.  A reload must never stop traffic.
+    rules_dir = tmp_path / "rules.d"
+    rules_dir.mkdir()
+    handle = sluice(config(rules_dir=str(rules_dir)), dports=(ORIGIN_PORT,))
+    probe = lab.client.popen([sys.executable, "-c", lab.python_preamble() + LATENCIES, "6"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        (rules_dir / "z.yaml").write_text(laughs(6))
+        handle.send_signal(signal.SIGHUP)
+        out, _ = probe.communicate(timeout=60)
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+    result = json.loads(out)
+    assert result["worst"] < 1.5, "a request waited %.1f s during the reload (%r)" % (result["worst"], result)
+
+
+@pytest.mark.parametrize("bad", ["latin1-rule-file", "script-calls-sys-exit"])
+def test_reload_that_raises_an_unexpected_exception_kills_the_proxy(lab, sluice, tmp_path, bad):
+    # SIGHUP with a Latin-1 rule file (UnicodeDecodeError: read_yaml catches only OSError)
+    # or a script that calls sys.exit() while imported (SystemExit is no Exception, the
+    # import guard misses it): Proxy.reload catches only ConfigError, the exception leaves
+    # the signal handler into gevent's hub, and the whole proxy exits: every connection is
+    # cut.  A reload must fail as any broken file does ("reload failed", the file named, the
+    # old policy kept), and the proxy live on.
+    rules_dir = tmp_path / "rules.d"
+    rules_dir.mkdir()
+    (rules_dir / "a.yaml").write_text("- {name: good, match: {path: /echo}, set_headers: {X-Good: '1'}}\n")
+    script = tmp_path / "addon.py"
+    script.write_text("def responseheaders(flow):\n    pass\n")
+    handle = sluice(config(rules_dir=str(rules_dir), scripts=[str(script)]), dports=(ORIGIN_PORT,))
+    view = LogView(handle)
+    if bad == "latin1-rule-file":
+        culprit = rules_dir / "b.yaml"
+        culprit.write_bytes(b"- {name: caf\xe9, match: {port: 23}, passthrough: true}\n")
+    else:
+        culprit = script
+        script.write_text("import sys\nsys.exit('this script needs SOME_TOKEN')\n")
+    handle.send_signal(signal.SIGHUP)
+    time.sleep(1.5)
+    assert handle.running(), "the proxy died:\n" + view.text()[-3000:]
+    rc, head, err = lab.curl(["-sS", "-D", "-", "-o", "/dev/null", url("/echo")])
+    assert b"X-Good: 1" in head, (rc, err)
+    assert "reload failed" in view.text() and str(culprit) in view.text(), view.text()[-2000:]
+    view.no_traceback()
