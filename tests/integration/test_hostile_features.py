@@ -1448,3 +1448,20 @@ def test_reload_that_raises_an_unexpected_exception_kills_the_proxy(lab, sluice,
     assert b"X-Good: 1" in head, (rc, err)
     assert "reload failed" in view.text() and str(culprit) in view.text(), view.text()[-2000:]
     view.no_traceback()
+
+
+@pytest.mark.parametrize("statement", ["raise SystemExit(3)", "raise KeyboardInterrupt()", "import sys; sys.exit()"],
+                         ids=["SystemExit", "KeyboardInterrupt", "sys.exit"])
+def test_hook_raising_a_base_exception_kills_the_proxy(lab, sluice, tmp_path, statement):
+    # run_one() guards hooks with `except Exception`; SystemExit and KeyboardInterrupt are
+    # not Exceptions: they leave the connection's greenlet, gevent re-raises them in the
+    # main greenlet, and the whole proxy exits, every connection cut, because one script
+    # called sys.exit() in a hook.  Hooks must be fenced off from the process.
+    handle = with_script(sluice, tmp_path, "def responseheaders(flow):\n"
+                         "    if flow.request.path.startswith('/boom'):\n        %s\n" % statement)
+    view = LogView(handle)
+    lab.curl(["-sS", "-o", "/dev/null", url("/boom")])
+    time.sleep(1.0)
+    assert handle.running(), "the proxy died:\n" + view.text()[-2000:]
+    rc, out, err = lab.curl(["-sS", "-o", "/dev/null", "-w", "%{http_code}", url("/echo")])
+    assert out == b"200", (rc, err)
