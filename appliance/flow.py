@@ -17,6 +17,8 @@ import logging
 import os
 import time
 
+from .http1.parser import is_token
+
 log = logging.getLogger("sluice")
 _ids = itertools.count(1)
 _PREFIX = os.urandom(4).hex()
@@ -35,9 +37,13 @@ def _text(value):
 
 
 def _wire(value):
+    """str (Latin-1) or a bytes-like value -> bytes; anything else is a TypeError (bytes(5)
+    would be five NUL bytes)."""
     if isinstance(value, str):
         return value.encode("latin-1")
-    return bytes(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError("expected str or bytes, got %s" % type(value).__name__)
 
 
 class HeaderView:
@@ -190,7 +196,10 @@ class Request(Message):
 
     @method.setter
     def method(self, value):
-        self.head.method = _wire(value)
+        value = _wire(value)
+        if not is_token(value):
+            raise ValueError("a method is a token (letters, digits, !#$%%&'*+-.^_`|~): %r" % value)
+        self.head.method = value
 
     @property
     def path(self):

@@ -23,6 +23,7 @@ _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 # then diagnosed line by line for the error message.
 _FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _TOKEN_RE = re.compile(_TOKEN)
+
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])")
 _VERSION_LIKE = re.compile(rb"[\x21-\x7e]*")
 _TARGET_CHARS = re.compile(rb"[\x21-\x7e]+")
@@ -55,6 +56,11 @@ class State(enum.Enum):
     DONE = "done"
     CLOSED = "closed"
     ERROR = "error"
+
+
+def is_token(value):
+    """Whether bytes ``value`` is an RFC 9110 token (a method, a field name)."""
+    return _TOKEN_RE.fullmatch(value) is not None
 
 
 def valid_host(value):

@@ -39,7 +39,7 @@ def test_request_method_accepts_anything(value):
 
 
 @pytest.mark.parametrize("returned, expected", [
-    (lambda c: (c, b"!"), b"ab!cd!"),
+    (lambda c: (c, b"!"), b"ab!cd!!"),     # called once more with b"" at the end
     (lambda c: {"k": c}.values(), b"abcd"),
 ], ids=["tuple-of-two", "dict-values"])
 def test_per_chunk_callable_returning_an_iterable_of_bytes_is_refused(returned, expected):
