@@ -3,8 +3,9 @@
 Owns: the access log formats and their writer greenlet, and ``summary(record)``, the few
 fields of a flow record that a person reads first (also used by ``sluice flows``).  Must
 not touch: sockets, the flow store, logging setup.  ``add`` costs the relay only a list
-append; the line is formatted later, by the writer, which writes everything pending with one
-``write`` at most every ``FLUSH_EVERY`` seconds and at ``close``.
+append; the line is formatted later, by the writer, which writes everything pending at most
+every ``FLUSH_EVERY`` seconds and at ``close``, in writes of whole lines of at most
+``PIPE_BUF`` bytes (atomic on a pipe shared by several workers).
 
 Text format (``access_log: text``), space-separated, ``-`` for a missing value::
 
@@ -13,8 +14,8 @@ Text format (``access_log: text``), space-separated, ``-`` for a missing value::
     2025-11-30T12:47:21.000000Z 10.0.0.2:40000 93.184.216.34:80 buffered GET
     http://example.org/ 200 0 29 0.050 f00d-1 "response: buffer (Content-Length 29 <= 1048576)" ""
 
-(one line).  TIME is the flow's start (ISO 8601, UTC); CLIENT and DEST are ``ip:port``
-(``[ip6]:port``), DEST the original destination; MODE is buffered, streamed, websocket,
+(one line; a URL is cut at ``URL_MAX`` characters).  TIME is the flow's start (ISO 8601,
+UTC); CLIENT and DEST are ``ip:port`` (``[ip6]:port``), DEST the original destination; MODE is buffered, streamed, websocket,
 tunnel or passthrough; URL is the absolute URL (CONNECT: ``host:port``; passthrough: the SNI
 or the destination); BYTES_IN are body bytes from the client, BYTES_OUT body bytes from the
 server (tunnels, passthrough and WebSockets: all bytes); DURATION is in seconds; DECISION
@@ -29,6 +30,7 @@ JSON format (``access_log: json``): one object per line with the keys of ``summa
 """
 
 import json
+import os
 import sys
 import time
 
@@ -120,7 +122,7 @@ def format_text(record):
     s = summary(record)
     duration = s["duration"]
     fields = [s["time"] or "-", s["client"], s["dest"], s["mode"] or "-", s["method"] or "-",
-              (s["url"] or "-").translate(_URL_UNSAFE),
+              _short_url(s["url"] or "-").translate(_URL_UNSAFE),
               "-" if s["status"] is None else str(s["status"]),
               str(s["bytes_in"]), str(s["bytes_out"]),
               "-" if duration is None else "%.3f" % duration,
@@ -129,7 +131,12 @@ def format_text(record):
 
 
 def format_json(record):
-    return json.dumps(summary(record), ensure_ascii=False, separators=(",", ":")) + "\n"
+    return _json_line(summary(record))
+
+
+def _json_line(s):
+    s["url"] = _short_url(s["url"])
+    return json.dumps(s, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
 FORMATS = {"text": format_text, "json": format_json}
@@ -175,7 +182,7 @@ def _format_fields_text(f):
     s = fields_summary(f)
     duration = s["duration"]
     return " ".join([s["time"], s["client"], s["dest"], s["mode"], s["method"] or "-",
-                     (s["url"] or "-").translate(_URL_UNSAFE),
+                     _short_url(s["url"] or "-").translate(_URL_UNSAFE),
                      "-" if s["status"] is None else str(s["status"]),
                      str(s["bytes_in"]), str(s["bytes_out"]),
                      "-" if duration is None else "%.3f" % duration,
@@ -183,10 +190,43 @@ def _format_fields_text(f):
 
 
 def _format_fields_json(f):
-    return json.dumps(fields_summary(f), ensure_ascii=False, separators=(",", ":")) + "\n"
+    return _json_line(fields_summary(f))
 
 
 FIELD_FORMATS = {"text": _format_fields_text, "json": _format_fields_json}
+
+
+# Every line is at most this long, and is written whole: a write of up to PIPE_BUF bytes to
+# a pipe is atomic, so the lines of several workers sharing stderr (journald's stream, a
+# pipe) never cut into each other.
+PIPE_BUF = 4096
+URL_MAX = 2048          # characters of a URL in the log (a longer one ends with "...")
+
+
+def _short_url(url):
+    return url if url is None or len(url) <= URL_MAX else url[:URL_MAX - 3] + "..."
+
+
+def _write_lines(fd, lines):
+    """``lines`` with os.write, in pieces of whole lines of at most PIPE_BUF bytes each."""
+    piece, size = [], 0
+    for line in lines:
+        data = line.encode("utf-8", "replace")
+        if len(data) > PIPE_BUF:           # never, but a line is never cut by us
+            data = data[:PIPE_BUF - 4] + b"...\n"
+        if size + len(data) > PIPE_BUF:
+            _write_all(fd, b"".join(piece))
+            piece, size = [], 0
+        piece.append(data)
+        size += len(data)
+    if piece:
+        _write_all(fd, b"".join(piece))
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class AccessLog:
@@ -241,10 +281,17 @@ class AccessLog:
                     lines.append(self._format(record))
             except (AttributeError, TypeError, ValueError):   # not a flow record: skip it
                 self.dropped += 1
-        text = "".join(lines)
         try:
-            self.stream.write(text)
-            self.stream.flush()
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):     # not a file (a test's StringIO)
+            fd = None
+        try:
+            if fd is None:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            else:
+                self.stream.flush()         # what logging wrote first goes first
+                _write_lines(fd, lines)
         except (OSError, ValueError):        # closed or broken stderr: nothing to tell
             self.write_errors += 1
 

@@ -189,6 +189,9 @@ class Request(Message):
     def __init__(self, head, flow=None, authority=None):
         super().__init__(head, flow)
         self.authority = authority     # "host[:port]" the request went to (for url)
+        # The method the client sent: a script may change ``method``, the client's response
+        # is still framed for this one (a HEAD gets no body, a GET always a complete one).
+        self.client_method = head.method
 
     @property
     def method(self):

@@ -183,18 +183,22 @@ class Proxy:
             log.info("SIGHUP: no configuration to re-read")
             return False
         try:
-            policy = self.loader()
+            # Read and compiled in a thread: a big rule file never stops the traffic.
+            policy = gevent.get_hub().threadpool.apply(self.loader)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload: %s", problem)
             log.error("reload failed: keeping the policy loaded before")
+            return False
+        except Exception:         # our own fault, never the end of the proxy
+            log.exception("reload failed: keeping the policy loaded before")
             return False
         old = self.ctx.cfg
         for name in RESTART_ONLY:
             if _option(old, name) != _option(policy.cfg, name):
                 log.warning("reload: %s changed; it takes effect at the next restart", name)
         if not policy.hooks.empty:
-            cooperative_stdlib()
+            cooperative_stdlib(policy.hooks)
         logging.getLogger().setLevel(policy.cfg.log_level.upper())
         self.ctx.policy = policy
         self.metrics.reloads += 1
@@ -257,13 +261,26 @@ def _option(cfg, dotted):
     return value
 
 
-def cooperative_stdlib():
+def cooperative_stdlib(hooks):
     """Scripts' own network I/O and sleeps wait without stalling other connections: the
-    standard library's sockets, DNS and time.sleep become gevent's (idempotent)."""
+    standard library's sockets, DNS and time.sleep become gevent's (idempotent), and names
+    a script imported before that (``from time import sleep``) are bound again to them."""
     from gevent import monkey
     monkey.patch_socket()
     monkey.patch_dns()
     monkey.patch_time()
+    patched = {}
+    for module_name, originals in monkey.saved.items():
+        module = sys.modules.get(module_name)
+        for name, original in originals.items():
+            if module is not None and hasattr(module, name):
+                patched[id(original)] = (original, getattr(module, name))
+    for module in hooks.modules:
+        names = vars(module)
+        for name, value in list(names.items()):
+            found = patched.get(id(value))
+            if found is not None and found[0] is value:
+                names[name] = found[1]
 
 
 def run(policy, loader=None):
@@ -409,7 +426,7 @@ def serve(policy, loader=None, channel=None, worker=0, workers=1):
     how it goes (``$NOTIFY_SOCKET``), or, as a worker, the supervisor (``channel``)."""
     cfg = policy.cfg
     if not policy.hooks.empty:
-        cooperative_stdlib()
+        cooperative_stdlib(policy.hooks)
     notifier = channel or sdnotify.Notifier.from_environ()
     watchdog = None if channel else sdnotify.watchdog_interval()
     proxy = Proxy(policy, loader, worker, workers)
