@@ -1465,3 +1465,40 @@ def test_hook_raising_a_base_exception_kills_the_proxy(lab, sluice, tmp_path, st
     assert handle.running(), "the proxy died:\n" + view.text()[-2000:]
     rc, out, err = lab.curl(["-sS", "-o", "/dev/null", "-w", "%{http_code}", url("/echo")])
     assert out == b"200", (rc, err)
+
+
+ERROR_HOOK = """
+def error(flow):
+    print("ERRHOOK %s %s" % (flow.request.path if flow.request else "-", flow.error.msg), flush=True)
+def bad(chunks):
+    for i, c in enumerate(chunks):
+        raise ValueError("stream callable broke")
+        yield c
+def responseheaders(flow):
+    if flow.request.path == "/streamfail":
+        flow.response.stream = bad
+"""
+
+
+def test_error_hook_runs_once_for_every_kind_of_failure(lab, sluice, rawserver, tmp_path):
+    # Passing guard.  The `error` hook sees each failed exchange exactly once: origin
+    # refused, no response within idle, a malformed response, an origin gone mid-body, a
+    # body over the limit, a stream callable that raised.
+    handle = with_script(sluice, tmp_path, ERROR_HOOK, dports=(ORIGIN_PORT, RAW_PORT, 81),
+                         stream_large_bodies=None, body_size_limit="1m",
+                         timeouts={"idle": "2s", "header": "3s", "connect": "2s"})
+    rawserver({"connections": [
+        [raw.recv_until(), raw.send(b"HTTP/1.1 2OO OK\r\n\r\n")],                              # /garbage
+        [raw.recv_until(), raw.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"), raw.close()],
+        [raw.recv_until(), raw.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000)],
+    ]})
+    cases = [(url("/refused", port=81), []), (url("/delay?s=4"), []), (url("/garbage", port=RAW_PORT), []),
+             (url("/midbody", port=RAW_PORT), []), (url("/sha256"), ["--data-binary", "@%s" % (tmp_path / "big")]),
+             (url("/streamfail", port=RAW_PORT), [])]
+    (tmp_path / "big").write_bytes(b"b" * (2 * MIB))
+    for target, extra in cases:
+        lab.curl(["-sS", "-o", "/dev/null", *extra, target], timeout=15)
+    time.sleep(1.0)
+    lines = [l for l in handle.stdout().splitlines() if l.startswith("ERRHOOK")]
+    paths = sorted(l.split()[1] for l in lines)
+    assert paths == sorted(["/refused", "/delay?s=4", "/garbage", "/midbody", "/sha256", "/streamfail"]), lines
