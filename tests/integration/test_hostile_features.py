@@ -1502,3 +1502,42 @@ def test_error_hook_runs_once_for_every_kind_of_failure(lab, sluice, rawserver, 
     lines = [l for l in handle.stdout().splitlines() if l.startswith("ERRHOOK")]
     paths = sorted(l.split()[1] for l in lines)
     assert paths == sorted(["/refused", "/delay?s=4", "/garbage", "/midbody", "/sha256", "/streamfail"]), lines
+
+
+BUFFERED_REPLACE = [("length", b"1.1", "grow"), ("chunked-trailers", b"1.1", "grow"), ("close", b"1.1", "empty"),
+                    ("length", b"1.0", "empty"), ("chunked-trailers", b"1.0", "grow"), ("close", b"1.0", "grow")]
+
+
+@pytest.mark.parametrize("framing, version, how", BUFFERED_REPLACE,
+                         ids=["%s-%s-%s" % (f, v.decode(), h) for f, v, h in BUFFERED_REPLACE])
+def test_replace_on_buffered_bodies_of_every_framing(lab, sluice, rawserver, framing, version, how):
+    # Passing guard.  A replace rule that grows the body ("o" -> "0000") or empties it
+    # (the whole text -> "") on buffered bodies sent with Content-Length, chunked with a
+    # trailer, or until close, to HTTP/1.1 and HTTP/1.0 clients: the length the client gets
+    # is the length of what is sent, and a pipelined request after it is served.
+    text = b"".join(FOO_PIECES)
+    replace = {"from": "o", "to": "0000"} if how == "grow" else {"from": text.decode(), "to": ""}
+    sluice(config([{"name": "rw", "match": {"path": "/1"}, "replace": [replace]}]), dports=(RAW_PORT,))
+    if framing == "chunked-trailers":
+        origin = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n"
+                  + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in FOO_PIECES) + b"0\r\nX-T: 1\r\n\r\n")
+    elif framing == "length":
+        origin = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text)
+    else:
+        origin = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + text
+    steps = [raw.recv_until(), raw.send(origin)]
+    rawserver({"connections": [steps + ([raw.close()] if framing == "close" else [raw.recv_until(), raw.send(OK)]),
+                               [raw.recv_until(), raw.send(OK)]]})
+    keep = b"Connection: keep-alive\r\n" if version == b"1.0" else b""
+    reply = exchange(lab, [send(b"GET /1 HTTP/%s\r\nHost: o\r\n%s\r\n" % (version, keep)), pause(0.5),
+                           send(b"GET /2 HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")], read_timeout=4)
+    head, _, rest = reply.data.partition(b"\r\n\r\n")
+    expected = text.replace(b"o", b"0000") if how == "grow" else b""
+    if b"transfer-encoding: chunked" in head.lower():
+        body = dechunk(rest)
+        after = rest.partition(b"\r\n\r\n")[2] if b"0\r\nX-T" in rest else rest[rest.index(b"0\r\n\r\n") + 5:]
+    else:
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        body, after = rest[:length], rest[length:]
+    assert body == expected, reply.data[:600]
+    assert after == b"" or after.endswith(b"\r\n\r\nok"), after[:300]
