@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.rawclient import RESET as RESET_STEP
 from tests.integration.rawclient import LogView, exchange, pause, read_until, send, wait_for
 from tests.lab import rawserver as raw
 from tests.lab.netns import CLIENT_IP, ORIGIN_IP, ORIGIN_PORT, RAW_PORT, WS_PORT
@@ -1567,4 +1568,25 @@ def test_admin_pages_while_thousands_of_flows_pass(lab, sluice):
     assert int(re.search(r"(\d+) requests in", out).group(1)) > 1000, out
     assert len(recent["flows"]) == 100
     assert worst < 1.0, worst
+    assert "Traceback" not in handle.log()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["buffered", "stream"])
+def test_websocket_client_reset_mid_frame_ends_the_server_side(lab, sluice, rawserver, stream):
+    # Passing guard.  The client announces a 100 KiB frame, sends 10 KiB of it and resets.
+    # The origin connection is ended promptly (never left waiting for the rest, never sent
+    # a close frame into the middle of a frame it got part of), and the flow says the
+    # client ended it.
+    handle = ws_proxy(sluice, stream)
+    server = rawserver([raw.recv_until(), raw.send(SWITCH), raw.recv_all(timeout=8)])
+    head = bytes([0x82, 0x80 | 127]) + struct.pack("!Q", 100 * KIB) + b"\x00\x00\x00\x00"
+    exchange(lab, [send(UPGRADE), read_until(b"\r\n\r\n"), send(head + b"z" * (10 * KIB)), pause(0.3), RESET_STEP])
+    result = server.result(0, timeout=5)
+    assert result is not None, "the origin connection still open 5 s after the client reset"
+    flow = handle.wait_flow(lambda f: f["mode"] == "websocket")
+    assert "client" in flow["error"] or "client" in flow["decision"], flow
+    received = server.received(0).partition(b"\r\n\r\n")[2]
+    if stream:
+        assert received.startswith(head), received[:20]     # streamed: the piece went on, nothing after it
+    assert b"\x88" not in received[len(head) + 10 * KIB:], received[-40:]
     assert "Traceback" not in handle.log()
