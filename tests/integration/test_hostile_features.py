@@ -1590,3 +1590,67 @@ def test_websocket_client_reset_mid_frame_ends_the_server_side(lab, sluice, raws
         assert received.startswith(head), received[:20]     # streamed: the piece went on, nothing after it
     assert b"\x88" not in received[len(head) + 10 * KIB:], received[-40:]
     assert "Traceback" not in handle.log()
+
+
+@pytest.mark.parametrize("how", ["rule-request-stream", "script-request-generator", "length-passes"])
+def test_forced_stream_of_a_chunked_upload_is_a_500(lab, sluice, tmp_path, test_origin, how):
+    # The same fault in the request direction: a chunked upload streamed from its first byte
+    # (a rule's `request_stream: true`, a script's `flow.request.stream = generator`) goes
+    # through the same `forward` and fails the same way: 500 "internal error", nothing sent.
+    chunked = how != "length-passes"
+    if how.startswith("rule") or not chunked:
+        handle = sluice(config([{"name": "up", "match": {"method": "POST"}, "request_stream": True}]),
+                        dports=(ORIGIN_PORT,))
+    else:
+        handle = with_script(sluice, tmp_path, "def modify(chunks):\n    for c in chunks:\n        yield c\n"
+                             "def requestheaders(flow):\n    flow.request.stream = modify\n")
+    view = LogView(handle)
+    body = b"upload " * 1000
+    if chunked:
+        request = (b"POST /sha256 HTTP/1.1\r\nHost: o\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                   + b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 1000]), body[i:i + 1000]) for i in range(0, len(body), 1000))
+                   + b"0\r\n\r\n")
+    else:
+        request = b"POST /sha256 HTTP/1.1\r\nHost: o\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+    reply = exchange(lab, [send(request)], port=ORIGIN_PORT, read_timeout=4)
+    status, _, payload, _ = reply.parse()
+    assert status == 200, reply.data[:300]
+    assert json.loads(payload)["sha256"] == hashlib.sha256(body).hexdigest()
+    view.no_traceback()
+
+
+SCRIPT_STATE = """
+count = 0
+def requestheaders(flow):
+    global count
+    count += 1
+    flow.request.headers["X-Count"] = str(count)
+    flow.response.headers["X-Never"] = "1"          # no response yet: AttributeError, logged
+def request(flow):
+    pass
+"""
+
+SCRIPT_PATH = """
+def requestheaders(flow):
+    if flow.request.path.startswith("/old"):
+        flow.request.path = "/echo?rewritten=1"
+"""
+
+
+def test_scripts_keep_state_change_paths_and_survive_touching_a_missing_response(lab, sluice, tmp_path, test_origin):
+    # Passing guard.  A script's module state lives across flows and connections; touching
+    # flow.response in requestheaders (None there) is an AttributeError logged with its
+    # traceback, and the flow goes on (the header set before it stays); a second script
+    # rewrites the path, and the origin gets the new one.
+    one, two = tmp_path / "state.py", tmp_path / "path.py"
+    one.write_text(SCRIPT_STATE)
+    two.write_text(SCRIPT_PATH)
+    handle = sluice(config(), extra_args=["-s", str(one), "-s", str(two)], dports=(ORIGIN_PORT,))
+    mark = test_origin.mark()
+    for _ in range(3):
+        rc, out, err = lab.curl(["-sS", "-o", "/dev/null", url("/old/x")])
+        assert rc == 0, err
+    seen = test_origin.requests(mark)
+    assert [r["target"] for r in seen] == ["/echo?rewritten=1"] * 3
+    assert [{k.lower(): v for k, v in r["headers"]}["x-count"] for r in seen] == ["1", "2", "3"]
+    assert handle.log().count("state.py:requestheaders failed") == 3
