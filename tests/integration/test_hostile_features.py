@@ -1654,3 +1654,43 @@ def test_scripts_keep_state_change_paths_and_survive_touching_a_missing_response
     assert [r["target"] for r in seen] == ["/echo?rewritten=1"] * 3
     assert [{k.lower(): v for k, v in r["headers"]}["x-count"] for r in seen] == ["1", "2", "3"]
     assert handle.log().count("state.py:requestheaders failed") == 3
+
+
+def test_regex_replace_across_pieces_of_a_streamed_body(lab, sluice, rawserver):
+    # Passing guard.  A regex replace on a streamed Content-Length body whose matches are
+    # cut by the pieces the origin sends (and by the 4096-byte slices Sluice offers): every
+    # match is replaced once, the rest is untouched.
+    sluice(config([{"name": "scrub", "match": {"path": "/*"}, "stream": True,
+                    "replace": [{"from": "secret-[0-9]+", "to": "XXX", "regex": True}]}]), dports=(RAW_PORT,))
+    text = (b"a" * 4090 + b"secret-123456" + b" b " * 100 + b"secret-9") * 3
+    pieces = [text[i:i + 997] for i in range(0, len(text), 997)]
+    steps = [raw.recv_until(), raw.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(text))]
+    for piece in pieces:
+        steps += [raw.send(piece), raw.sleep(0.01)]
+    rawserver(steps)
+    reply = exchange(lab, [send(b"GET / HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")], read_timeout=5)
+    assert dechunk(reply.data.partition(b"\r\n\r\n")[2]) == re.sub(rb"secret-[0-9]+", b"XXX", text)
+
+
+SERVER_CLOSE = r"""
+import json
+from websockets.sync.client import connect
+from websockets.exceptions import ConnectionClosed
+with connect("ws://%s:%d/x" % (ORIGIN_IP, 9200), proxy=None, open_timeout=10) as ws:
+    ws.send("?close 4002")
+    try:
+        ws.recv(timeout=10)
+        print(json.dumps("no close"))
+    except ConnectionClosed as exc:
+        print(json.dumps([exc.rcvd.code if exc.rcvd else None, exc.rcvd.reason if exc.rcvd else None]))
+"""
+
+
+def test_websocket_close_handshake_started_by_the_server(lab, sluice):
+    # Passing guard.  The origin starts the close handshake (4002 "asked to"): the client
+    # gets that code and reason, answers, and the flow records the server as closer.
+    handle = ws_proxy(sluice)
+    rc, out, err = lab.python(SERVER_CLOSE, timeout=30)
+    assert rc == 0 and json.loads(out) == [4002, "asked to"], (out, err[-2000:])
+    flow = handle.wait_flow(lambda f: f["mode"] == "websocket")
+    assert "closed by server (4002 asked to)" in flow["decision"], flow
