@@ -1694,3 +1694,26 @@ def test_websocket_close_handshake_started_by_the_server(lab, sluice):
     assert rc == 0 and json.loads(out) == [4002, "asked to"], (out, err[-2000:])
     flow = handle.wait_flow(lambda f: f["mode"] == "websocket")
     assert "closed by server (4002 asked to)" in flow["decision"], flow
+
+
+def test_access_log_on_a_stderr_nobody_reads_stops_the_proxy(lab, tmp_path):
+    # The access log is written "off the request path", by a greenlet, but with a blocking
+    # write to stderr.  When stderr is a pipe or a stream that stops draining (journald
+    # wedged or restarting, `sluice run | less` paused, a container log driver that lags),
+    # the write blocks the whole event loop once the pipe is full: every connection stops.
+    # The log must give way (drop and count lines) rather than stop the proxy.
+    handle = PipedSluice(lab, config(), workdir=tmp_path / "piped", dports=(ORIGIN_PORT,))
+    try:
+        handle.start()
+        os.kill(handle.cat.pid, signal.SIGSTOP)           # the reader of stderr stops reading
+        long = url("/bytes?n=10&padding=%s" % ("p" * 2000))
+        rc, out, err = lab.curl(["-sS", "-o", "/dev/null", "-w", "%{http_code} "] +
+                                [arg for _ in range(100) for arg in ("-o", "/dev/null", long)], timeout=30)
+        time.sleep(1.5)                                    # a flush of the access log: the pipe is full now
+        t0 = time.monotonic()
+        rc, out, err = lab.curl(["-sS", "-o", "/dev/null", "-w", "%{http_code}", url("/echo")], timeout=5)
+        assert out == b"200" and time.monotonic() - t0 < 2, "the proxy stopped (%r, %r)" % (out, err)
+    finally:
+        if handle.cat.poll() is None:
+            os.kill(handle.cat.pid, signal.SIGCONT)
+        handle.close()
