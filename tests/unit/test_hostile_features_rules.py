@@ -49,18 +49,18 @@ def test_rule_file_that_is_not_utf8_is_a_traceback(tmp_path):
 
 
 def test_yaml_alias_bomb_in_a_rule_file_takes_seconds_and_gigabytes(tmp_path):
-    # 700 bytes of YAML aliases ("billion laughs", 9^6 leaves here).  yaml.safe_load keeps
+    # 800 bytes of YAML aliases ("billion laughs", 9^7 leaves here).  yaml.safe_load keeps
     # aliases as shared references, but read_yaml's line-tracking walk expands every alias
     # into new objects and records a line for every path: 6 s and 240 MB for depth 6, and
     # minutes and gigabytes for depth 7.  A reload runs it on the event loop: the proxy
     # stops meanwhile.  It must be refused (or bounded) at once.
-    config, _ = _config(tmp_path, {"z.yaml": laughs(6).encode()})
+    config, _ = _config(tmp_path, {"z.yaml": laughs(7).encode()})
     t0 = time.monotonic()
     try:
         done = subprocess.run([sys.executable, "-m", "appliance", "check", "-c", str(config)],
                               cwd=str(ROOT), capture_output=True, text=True, timeout=3)
     except subprocess.TimeoutExpired:
-        pytest.fail("sluice check still parsing a 700-byte rule file after 3 s")
+        pytest.fail("sluice check still parsing an 800-byte rule file after 3 s")
     assert time.monotonic() - t0 < 3 and done.returncode == 2, done.stderr[-1000:]
 
 
