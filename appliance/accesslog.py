@@ -29,9 +29,12 @@ JSON format (``access_log: json``): one object per line with the keys of ``summa
 ``error``.
 """
 
+import collections
 import json
+import logging
 import os
 import sys
+import threading
 import time
 
 import gevent
@@ -208,19 +211,90 @@ def _short_url(url):
 
 
 def _write_lines(fd, lines):
-    """``lines`` with os.write, in pieces of whole lines of at most PIPE_BUF bytes each."""
+    """``lines`` with os.write, in writes of whole lines of at most PIPE_BUF bytes each (a
+    longer one, a log record with a traceback, goes alone)."""
     piece, size = [], 0
     for line in lines:
         data = line.encode("utf-8", "replace")
-        if len(data) > PIPE_BUF:           # never, but a line is never cut by us
-            data = data[:PIPE_BUF - 4] + b"...\n"
-        if size + len(data) > PIPE_BUF:
+        if piece and size + len(data) > PIPE_BUF:
             _write_all(fd, b"".join(piece))
             piece, size = [], 0
         piece.append(data)
         size += len(data)
     if piece:
         _write_all(fd, b"".join(piece))
+
+
+class StderrWriter:
+    """Lines to a file descriptor (stderr) from a thread of its own, in the order given.
+
+    A stderr that stops draining (journald wedged, a paused pipe) then stops this thread
+    only, never the event loop; lines beyond ``MAX_QUEUED`` waiting are dropped and counted.
+    ``put`` is called from the event loop and only appends; the thread is started at the
+    first ``put`` of a process (so a forked worker has its own)."""
+
+    MAX_QUEUED = 100000
+
+    def __init__(self, fd=2):
+        self.fd = fd
+        self.dropped = 0
+        self.write_errors = 0
+        self._lines = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._pid = None
+
+    def put(self, lines):
+        with self._cond:
+            room = self.MAX_QUEUED - len(self._lines)
+            if len(lines) > room:
+                self.dropped += len(lines) - max(room, 0)
+                lines = lines[:max(room, 0)]
+            self._lines.extend(lines)
+            self._cond.notify()
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="sluice-stderr", daemon=True).start()
+
+    def drain(self, timeout):
+        """Wait up to ``timeout`` seconds for every line to be written (at exit)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._lines or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(0.05)
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._lines:
+                    self._cond.wait()
+                lines = list(self._lines)
+                self._lines.clear()
+                self._busy = True
+            try:
+                _write_lines(self.fd, lines)
+            except OSError:
+                self.write_errors += 1
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
+class QueuedHandler(logging.Handler):
+    """A logging handler that hands each formatted record to a ``StderrWriter``."""
+
+    def __init__(self, writer):
+        super().__init__()
+        self.writer = writer
+
+    def flush(self):                 # logging.shutdown() at exit: the last lines out
+        self.writer.drain(timeout=2.0)
+
+    def emit(self, record):
+        try:
+            self.writer.put([self.format(record) + "\n"])
+        except Exception:           # what logging.StreamHandler does too
+            self.handleError(record)
 
 
 def _write_all(fd, data):
@@ -233,16 +307,18 @@ class AccessLog:
     """``add(record)`` per flow; a greenlet formats and writes what is pending in batches.
 
     ``mode`` is ``access_log`` (off, text, json).  WebSocket message records are not flows
-    and are ignored.  At most ``MAX_PENDING`` lines wait (more are counted in ``dropped``);
-    a failing stream is counted in ``write_errors`` and never stops the proxy.
+    and are ignored.  At most ``MAX_PENDING`` lines wait (more are counted in ``dropped``).
+    With a ``writer`` (the proxy's ``StderrWriter``) the lines go to it, else to ``stream``,
+    where a failure is counted in ``write_errors`` and never stops the proxy.
     """
 
     FLUSH_EVERY = 0.5
     MAX_PENDING = 100000
 
-    def __init__(self, mode, stream=None):
+    def __init__(self, mode, stream=None, writer=None):
         self.mode = mode
         self.stream = stream if stream is not None else sys.stderr
+        self.writer = writer        # a StderrWriter: lines go through it, not to stream
         self.dropped = 0
         self.write_errors = 0
         self._format = FORMATS.get(mode)
@@ -281,18 +357,13 @@ class AccessLog:
                     lines.append(self._format(record))
             except (AttributeError, TypeError, ValueError):   # not a flow record: skip it
                 self.dropped += 1
+        if self.writer is not None:
+            self.writer.put(lines)
+            return
         try:
-            fd = self.stream.fileno()
-        except (AttributeError, OSError, ValueError):     # not a file (a test's StringIO)
-            fd = None
-        try:
-            if fd is None:
-                self.stream.write("".join(lines))
-                self.stream.flush()
-            else:
-                self.stream.flush()         # what logging wrote first goes first
-                _write_lines(fd, lines)
-        except (OSError, ValueError):        # closed or broken stderr: nothing to tell
+            self.stream.write("".join(lines))
+            self.stream.flush()
+        except (OSError, ValueError):        # closed or broken stream: nothing to tell
             self.write_errors += 1
 
     def close(self):

@@ -235,6 +235,8 @@ class ClientConnection:
             elif not self._accept_passthrough():
                 parked = self._serve(first=True)
         except _Parked:
+            for message in (self.flow.request, self.flow.response):
+                message.head.headers.compact()       # kept for the record, rarely read
             self.ctx.park(self, self.ws.quiet_since())
             parked = True
         except errors.SluiceError as exc:
@@ -262,6 +264,7 @@ class ClientConnection:
             self._fail(500, "internal error", logged=True, kind="internal")
         finally:
             self.ctx.connections.discard(self)
+            self.greenlet = None          # a parked connection keeps no dead greenlet
             if not parked:
                 self._close()
                 self._finish()
@@ -906,7 +909,8 @@ class ClientConnection:
             while (hello := reader.result()) is tls.NEED_DATA:
                 reader.receive_data(self._head_bytes(deadline))
         except (tls.TLSError, errors.ClientTimeout) as exc:
-            self._log_error("not a TLS ClientHello Sluice can read: %s" % exc)
+            flow.kind = "passthrough"         # TLS, never parsed as HTTP
+            self._fail(None, "not a TLS ClientHello Sluice can read: %s" % exc, kind="bad_tls")
             return
         flow.sni = hello.sni
         decision = self.policy.rules.decide("tls", Facts(
@@ -918,6 +922,7 @@ class ClientConnection:
             flow.decide("request", "block", ("rule %s", decision.rule("respond")))
             flow.kind = "passthrough"
             flow.fail("blocked by rule %s" % decision.rule("respond"), "blocked")
+            self.policy.error(flow)
             return
         self._ensure_upstream(dst)
         self._tunnel(reader.raw, b"", "passthrough")
@@ -989,6 +994,8 @@ class ClientConnection:
         if facts is not None:
             facts.content_type = None
         flow.kind = "websocket"
+        # Nothing of HTTP is needed any more: a resting WebSocket holds only its own state.
+        self.parser = self.rparser = self.upload = self.download = self.early = None
         self.ws = websocket.Session(self.client, self.server, flow, settings,
                                     self._ws_on_message(facts), self.ctx.websocket_message, log)
         self._run_websocket()

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 
-from .http1.parser import is_token
+from .http1.parser import is_target, is_token
 
 log = logging.getLogger("sluice")
 _ids = itertools.count(1)
@@ -211,8 +211,9 @@ class Request(Message):
     @path.setter
     def path(self, value):
         value = _wire(value)
-        if not value.startswith(b"/") or any(c in value for c in b" \r\n\0"):
-            raise ValueError("a path starts with / and has no space, CR, LF or NUL: %r" % value)
+        if not value.startswith(b"/") or not is_target(value):
+            raise ValueError("a path starts with / and holds visible ASCII only (no space or "
+                             "control character; %%-escape the others): %r" % value)
         self.head.target = value
 
     @property

@@ -474,8 +474,6 @@ class RuleSet:
         rule_stage = "request" if stage == "tls" else stage
         for rule in self.rules:
             if not rule.decidable(rule_stage):
-                if stage == "accept" and "respond" in rule.actions:
-                    break     # it may answer once the head is known: later rules wait for it
                 continue
             wanted = [k for k in kinds if k in rule.actions and k not in decision.acts
                       and _EXCLUSIVE.get(k) not in decision.acts]

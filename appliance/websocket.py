@@ -30,7 +30,6 @@ either direction for ``idle`` seconds: close 1001 to both.  A close frame is nev
 into the middle of a frame already partly sent (streaming): that side is just shut down.
 """
 
-import collections
 import os
 import time
 
@@ -57,6 +56,9 @@ class Settings:
     ``park_after``: seconds without a frame either way after which ``Session.run`` returns
     ``PARKED`` (None: never).
     """
+
+    __slots__ = ("stream", "max_message", "record_max", "idle", "deflate", "client_buffered",
+                 "server_buffered", "park_after")
 
     def __init__(self, stream=False, max_message=None, record_max=1 << 20, idle=300.0,
                  deflate=None, client_buffered=b"", server_buffered=b"", park_after=None):
@@ -138,8 +140,12 @@ class WebSocketData:
     messages being handled (``messages[-1]`` is the one a hook is called for); history is
     recorded through the ``record`` callback, never kept."""
 
+    __slots__ = ("messages", "stream", "deflate", "closed_by", "close_code", "close_reason",
+                 "error", "messages_from_client", "messages_from_server", "bytes_from_client",
+                 "bytes_from_server", "timestamp_start", "timestamp_end")
+
     def __init__(self, stream, deflate):
-        self.messages = collections.deque(maxlen=MESSAGES_KEPT)
+        self.messages = []               # the last MESSAGES_KEPT (a list: mitmproxy's type)
         self.stream = stream
         self.deflate = deflate
         self.closed_by = None            # "client" | "server" | "proxy" | None
@@ -198,6 +204,9 @@ class Session:
     then it returns ``PARKED`` holding no greenlet, and the caller calls ``run()`` again
     when either socket is readable (or ``run(going_away=why)`` to end it: the idle time ran
     out while parked, or a drain).  Between runs only the parsers' small state is kept."""
+
+    __slots__ = ("flow", "settings", "on_message", "record", "log", "ws", "last_activity",
+                 "written", "warned", "outs", "directions")
 
     def __init__(self, client, server, flow, settings, on_message, record, log):
         self.flow, self.settings = flow, settings
@@ -330,6 +339,9 @@ class Session:
 
 class _Direction:
     """Frames from one peer to the other."""
+
+    __slots__ = ("session", "from_client", "side", "src", "out", "dst", "stream", "idle", "parser",
+                 "assembler", "can_modify", "buffered", "closed", "boundary", "waiting")
 
     def __init__(self, session, from_client):
         settings = session.settings
@@ -536,6 +548,8 @@ class _Direction:
         message = WebSocketMessage(result.opcode, result.data, self.from_client, result.size,
                                    result.truncated, result.compressed)
         ws.messages.append(message)
+        if len(ws.messages) > MESSAGES_KEPT:
+            del ws.messages[0]
         return message
 
     def _hook(self, message):

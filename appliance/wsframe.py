@@ -222,6 +222,9 @@ class FrameParser:
     be set on the first frame of a data message.  ``max_frame``: a larger frame is 1009.
     """
 
+    __slots__ = ("from_client", "extensions_rsv1", "max_frame", "_buf", "_pos", "_eof", "_error",
+                 "_frame", "_left", "_offset", "_fragmented", "_closed", "_pending")
+
     def __init__(self, from_client, extensions_rsv1=False, max_frame=None):
         self.from_client = from_client
         self.extensions_rsv1 = extensions_rsv1
@@ -441,6 +444,8 @@ def _complete_utf8(data):
 class _Inflater:
     """permessage-deflate decompression for one direction, bounded per step."""
 
+    __slots__ = ("takeover", "_obj")
+
     def __init__(self, takeover):
         self.takeover = takeover      # keep the LZ77 window from one message to the next
         self._obj = None              # made per message without takeover (idle costs nothing)
@@ -494,6 +499,10 @@ class MessageAssembler:
     at a character boundary) and counts the rest; ``max_message`` applies only to what a
     compressed message inflates to (no deflate bomb: inflating costs CPU, streamed or not).
     """
+
+    __slots__ = ("from_client", "max_message", "max_inflated", "stream", "record_max", "keep_raw",
+                 "_inflater", "_control", "_opcode", "_compressed", "_decoder", "_pieces", "_kept",
+                 "_size", "_wire", "_frames", "_fin")
 
     def __init__(self, from_client, max_message=None, stream=False, record_max=None,
                  deflate=None, keep_raw=None):
