@@ -62,6 +62,7 @@ class Context:
         self.draining = False
         self.connections = set()          # connections with a greenlet
         self.parked = collections.OrderedDict()   # idle keep-alive ones: conn -> (since, watcher)
+        self.parks = 0                    # connections parked since the server last trimmed
         self.metrics = metrics or Metrics()
         self.recorder = recorder
         self.accesslog = accesslog
@@ -84,6 +85,7 @@ class Context:
         if conn.ws is not None:
             watchers += (loop.io(conn.server.fd, 1),)
         self.parked[conn] = (since or time.monotonic(), watchers)
+        self.parks += 1
         for watcher in watchers:
             watcher.start(self._wake, conn)
 
@@ -292,7 +294,8 @@ class ClientConnection:
                 "status": response.head.status if response else None,
                 "bytes_up": up, "bytes_down": down, "expected": expected, "age": age,
                 "rate": (up + down) / age,
-                "streamed": bool(response is not None and response.streamed)}
+                "streamed": bool(response is not None and response.streamed),
+                "parked": self.greenlet is None}
 
     def close_parked(self):
         if self.server is not None:
@@ -1003,7 +1006,9 @@ class ClientConnection:
     def _run_websocket(self, going_away=None):
         """Relay the WebSocket until it ends, or raise _Parked when it rests (see handle)."""
         if self.ws.run(going_away) is websocket.PARKED:
-            raise _Parked()
+            if not self.ctx.draining:
+                raise _Parked()
+            self.ws.run("proxy shutting down")     # rests after the drain's sweep: close now
         self.ws = None
 
     def _ws_on_message(self, facts):

@@ -40,6 +40,18 @@ BACKLOG = 1024
 
 
 PR_SET_PDEATHSIG = 1
+TRIM_AFTER_PARKS = 32      # connections parked since the last trim of the C heap ...
+TRIM_EVERY = 2.0           # ... and seconds since it: then freed heap pages go back
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere).  A connection that parks frees its greenlet,
+    buffers and parsers; they lie in heap pages among what the parked ones keep, so the
+    process would keep them (about 8 KiB per connection) until trimmed."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def setup_logging(level, worker=None, writer=None):
@@ -147,10 +159,17 @@ class Proxy:
         self.sweeper = gevent.spawn(self._sweep)
 
     def _sweep(self):
-        """Parked keep-alive connections idle past timeouts.idle are closed (once a second)."""
+        """Parked keep-alive connections idle past timeouts.idle are closed (once a second);
+        after a wave of parking, the freed heap pages are given back to the system (in a
+        thread: a trim of a large heap takes milliseconds, and ctypes lets the GIL go)."""
+        ctx, trim, trimmed = self.ctx, _malloc_trim(), time.monotonic()
         while True:
             gevent.sleep(1.0)
-            self.ctx.sweep()
+            ctx.sweep()
+            now = time.monotonic()
+            if trim is not None and ctx.parks >= TRIM_AFTER_PARKS and now - trimmed >= TRIM_EVERY:
+                ctx.parks, trimmed = 0, now
+                gevent.get_hub().threadpool.spawn(trim, 0)
 
     def _handler(self, listen):
         ctx = self.ctx

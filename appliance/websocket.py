@@ -34,6 +34,7 @@ import os
 import time
 
 import gevent
+import gevent.select
 
 from .relay import IdleTimeout, Meter, PeerGone
 from .wsframe import (NEED_DATA, CloseCode, Control, FrameParser, MessageAssembler, Opcode,
@@ -203,10 +204,12 @@ class Session:
     ``settings.park_after``, until both directions rest between messages for that long:
     then it returns ``PARKED`` holding no greenlet, and the caller calls ``run()`` again
     when either socket is readable (or ``run(going_away=why)`` to end it: the idle time ran
-    out while parked, or a drain).  Between runs only the parsers' small state is kept."""
+    out while parked, or a drain).  Between runs nothing of the directions is kept (they are
+    made again on waking), unless a compressed direction carries its inflater's context over
+    from message to message."""
 
     __slots__ = ("flow", "settings", "on_message", "record", "log", "ws", "last_activity",
-                 "written", "warned", "outs", "directions")
+                 "written", "warned", "outs", "directions", "fresh")
 
     def __init__(self, client, server, flow, settings, on_message, record, log):
         self.flow, self.settings = flow, settings
@@ -217,7 +220,8 @@ class Session:
         self.warned = False
         self.outs = {"client": _Out(client, "client", None), "server": _Out(server, "server",
                                                                              True)}
-        self.directions = None          # made at the first run, kept while parked
+        self.directions = None          # made at each run; kept while parked only for deflate
+        self.fresh = True               # no run yet
 
     def side_of(self, peer):
         return "client" if peer is self.outs["client"].peer else "server"
@@ -231,6 +235,8 @@ class Session:
         else:
             outcome = self._relay()
             if outcome is PARKED:
+                if self.directions and not any(d.takeover for d in self.directions):
+                    self.directions = None      # at rest: nothing in them worth its memory
                 return PARKED
         self.ws.timestamp_end = time.time()
         if outcome.kind == "bug":
@@ -239,8 +245,14 @@ class Session:
         return None
 
     def _relay(self):
+        if self.fresh:
+            self.fresh = False
+            if self._quiet_start():
+                return PARKED
         if self.directions is None:
             self.directions = (_Direction(self, True), _Direction(self, False))
+            settings = self.settings           # read ahead with the handshake: taken once
+            settings.client_buffered = settings.server_buffered = b""
         peers = [out.peer for out in self.outs.values()]
         for peer in peers:     # a write that waits on while the other way moves, not closed
             peer.patience = self._active
@@ -251,6 +263,17 @@ class Session:
             gevent.killall(workers, block=True)
             for peer in peers:
                 peer.patience = None
+
+    def _quiet_start(self):
+        """A new session with nothing read ahead first waits in this greenlet for a byte
+        either way: a WebSocket that stays idle parks without ever making its directions
+        and their two greenlets (whose freed memory the process would otherwise keep)."""
+        settings = self.settings
+        if settings.park_after is None or settings.client_buffered or settings.server_buffered:
+            return False
+        fds = [out.peer.fd for out in self.outs.values()]
+        readable = gevent.select.select(fds, [], [], settings.park_after)[0]
+        return not readable and not any(out.peer.still_sending() for out in self.outs.values())
 
     def quiet_since(self):
         """When the last frame went either way (time.monotonic)."""
@@ -341,7 +364,7 @@ class _Direction:
     """Frames from one peer to the other."""
 
     __slots__ = ("session", "from_client", "side", "src", "out", "dst", "stream", "idle", "parser",
-                 "assembler", "can_modify", "buffered", "closed", "boundary", "waiting")
+                 "assembler", "takeover", "can_modify", "buffered", "closed", "boundary", "waiting")
 
     def __init__(self, session, from_client):
         settings = session.settings
@@ -359,10 +382,10 @@ class _Direction:
                                   None if settings.stream else settings.max_message)
         self.assembler = MessageAssembler(from_client, settings.max_message, settings.stream,
                                           settings.record_max, deflate)
-        takeover = deflate is not None and not (deflate.client_no_context_takeover
-                                                if from_client
-                                                else deflate.server_no_context_takeover)
-        self.can_modify = not settings.stream and not takeover
+        self.takeover = deflate is not None and not (deflate.client_no_context_takeover
+                                                     if from_client
+                                                     else deflate.server_no_context_takeover)
+        self.can_modify = not settings.stream and not self.takeover
         self.buffered = (settings.client_buffered if from_client
                          else settings.server_buffered) or b""
         self.closed = False         # the source sent a close frame

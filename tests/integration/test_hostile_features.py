@@ -1359,7 +1359,7 @@ def held_rss_per_connection(lab, handle, kind, n, port):
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "READY"
-        time.sleep(1.0)
+        time.sleep(2.0)                  # parked after 1 s, the heap trimmed at a sweep
         return (handle.rss_kib() - base) / n
     finally:
         proc.kill()
@@ -1380,7 +1380,98 @@ def test_idle_websocket_costs_more_than_an_idle_keep_alive_connection(lab, sluic
         time.sleep(1.0)
         costs.setdefault(kind, []).append(held_rss_per_connection(lab, handle, kind, 300, port))
     http, ws = max(costs["http"]), costs["ws"][0]
+    print("idle RSS per connection, KiB: %r" % costs)
     assert ws <= 1.5 * http + 4, "idle WebSocket %.1f KiB vs keep-alive %.1f KiB (%r)" % (ws, http, costs)
+
+
+DRAINED = r"""
+import json
+def upgrade():
+    s = socket.create_connection((ORIGIN_IP, %d), timeout=20)
+    s.sendall(UPGRADE)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(4096)
+    assert data.startswith(b"HTTP/1.1 101"), data[:100]
+    return s, data.partition(b"\r\n\r\n")[2]
+socks = [upgrade()]
+time.sleep(2.5)                          # the first one rests (parked) by now
+socks.append(upgrade())                  # the second one has just begun
+print("READY", flush=True)
+t0, out = time.monotonic(), []
+for s, tail in socks:
+    try:
+        while (chunk := s.recv(65536)):
+            tail += chunk
+    except OSError:
+        pass
+    out.append({"after": time.monotonic() - t0, "tail": tail.hex()})
+print(json.dumps(out), flush=True)
+""" % WS_PORT
+
+
+def test_websockets_resting_or_just_begun_get_a_going_away_close_when_the_proxy_drains(lab, sluice):
+    # SIGTERM drains: a parked WebSocket is woken and closed with 1001 "proxy shutting
+    # down".  One that had just begun (its first second, not parked yet) rested only after
+    # the drain's sweep and stayed parked until the process ended: closed without a close
+    # frame, and the drain waited for nothing.  Both must get 1001 at once.
+    handle = sluice(config(timeouts={"idle": "60s", "header": "3s", "drain": "20s"}), dports=(WS_PORT,))
+    proc = lab.client.popen([sys.executable, "-c", lab.python_preamble() + "UPGRADE = %r\n" % UPGRADE + DRAINED],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        t0 = time.monotonic()
+        assert handle.stop(signal.SIGTERM, 15) == 0
+        stopped = time.monotonic() - t0
+        results = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait(5)
+    for result in results:
+        frames = frames_of(bytes.fromhex(result["tail"]))
+        assert close_code(frames) == 1001, frames
+        assert b"shutting down" in [p for op, _, p in frames if op == 8][0], frames
+        assert result["after"] < 5, results
+    assert stopped < 5, stopped
+
+
+RESTING = r"""
+s = socket.create_connection((ORIGIN_IP, %d), timeout=20)
+s.sendall(UPGRADE)
+data = b""
+while b"\r\n\r\n" not in data:
+    data += s.recv(4096)
+print("READY", flush=True)
+sys.stdin.readline()
+s.sendall(FRAME)
+echo = b""
+while b"wake up" not in echo:
+    echo += s.recv(4096)
+print("ECHO", flush=True)
+sys.stdin.readline()
+""" % WS_PORT
+
+
+def test_a_resting_websocket_shows_parked_and_wakes_for_a_message(lab, sluice):
+    # README: /flows/active has `parked`.  A WebSocket quiet for a second rests on a watcher
+    # (parked: true); a message wakes it (the echo comes back) and it relays again.
+    admin_proxy(sluice, dports=(WS_PORT,))
+    code = "UPGRADE = %r\nFRAME = %r\n" % (UPGRADE, frame(1, b"wake up", mask=True)) + RESTING
+    proc = lab.client.popen([sys.executable, "-c", lab.python_preamble() + code],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        time.sleep(2.5)
+        flows = [f for f in get_json(lab, "/flows/active")["flows"] if f["kind"] == "websocket"]
+        assert [f["parked"] for f in flows] == [True], flows
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "ECHO"
+        flows = [f for f in get_json(lab, "/flows/active")["flows"] if f["kind"] == "websocket"]
+        assert [f["parked"] for f in flows] == [False], flows
+    finally:
+        proc.kill()
+        proc.wait(5)
 
 
 # == reload of bad rule files =================================================================================
