@@ -1,0 +1,255 @@
+"""What `make bench` prints and writes: wrk's output parsed, medians with min-max per peer,
+ratios against direct and HAProxy, the targets of issue 11 with PASS/MISS, as text and as
+Markdown (bench/results.md).
+
+Input is the run's data: {"environment": {...}, "results": {test: {peer: [one dict per
+repetition]}}}; a repetition's dict holds its metrics and, if it failed a check, "fail" (the
+reason) and, if other labs ran meanwhile, "contended".  This module computes and formats
+only: no processes, no files but the ones the caller names.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+PEER_TITLES = {
+    "direct": "direct", "sluice": "Sluice", "sluice-2w": "Sluice 2w", "sluice-copy": "Sluice copy",
+    "sluice-hooks": "Sluice hooks", "sluice-buffer": "Sluice buffer", "haproxy": "HAProxy",
+    "haproxy-splice": "HAProxy splice", "squid": "Squid", "mitmproxy": "mitmproxy",
+}
+# (test, key, label, format); "big" in a label is replaced by the size
+ROWS = (
+    ("download", "mbps", "download {big}, MB/s", "%.0f"),
+    ("download", "cpu_s_per_gib", "  proxy CPU s/GiB", "%.2f"),
+    ("upload", "mbps", "upload {big}, MB/s", "%.0f"),
+    ("upload", "cpu_s_per_gib", "  proxy CPU s/GiB", "%.2f"),
+    ("chunked", "mbps", "chunked download {big} (16 KiB), MB/s", "%.0f"),
+    ("chunked", "cpu_s_per_gib", "  proxy CPU s/GiB", "%.2f"),
+    ("small", "rps", "small: 1 KiB, wrk -c50, req/s", "%.0f"),
+    ("small", "p50_ms", "  p50 latency, ms", "%.2f"),
+    ("small", "p99_ms", "  p99 latency, ms", "%.2f"),
+    ("small", "cpu_us", "  proxy CPU µs/request", "%.0f"),
+    ("idle", "kib_per_conn", "idle: {idle} keep-alive, RSS KiB/conn", "%.1f"),
+    ("bulk", "mbps", "bulk: {bulk}, MB/s", "%.0f"),
+    ("bulk", "peak_rss_mib", "  proxy peak RSS, MiB", "%.0f"),
+)
+# (test, key, reference peer for "x HAProxy")
+RATIOS = (("download", "mbps", "haproxy-splice"), ("upload", "mbps", "haproxy-splice"),
+          ("chunked", "mbps", "haproxy-splice"), ("small", "rps", "haproxy"), ("bulk", "mbps", "haproxy"))
+MIB = 1 << 20
+
+
+# -- wrk --------------------------------------------------------------------------------------
+
+def _ms(value: str) -> float:
+    number, unit = re.match(r"([0-9.]+)(us|ms|s|m)", value).groups()
+    return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def parse_wrk(out: str) -> dict | None:
+    """wrk --latency's output: requests/s, requests, p50 and p99 in ms, errors; None if absent."""
+    rps = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    total = re.search(r"(\d+) requests in ", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (rps and total and p50 and p99):
+        return None
+    errors = re.search(r"Socket errors:.*", out)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(rps.group(1)), "requests": int(total.group(1)), "p50_ms": _ms(p50.group(1)),
+            "p99_ms": _ms(p99.group(1)), "socket_errors": errors.group(0) if errors else "",
+            "non_2xx": int(non_2xx.group(1)) if non_2xx else 0}
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+def values(results: dict, test: str, peer: str, key: str) -> list[float]:
+    return [rep[key] for rep in results.get(test, {}).get(peer, []) if rep.get(key) is not None]
+
+
+def failures(results: dict, test: str, peer: str) -> int:
+    return sum(1 for rep in results.get(test, {}).get(peer, []) if "fail" in rep)
+
+
+def median(results: dict, test: str, peer: str, key: str) -> float | None:
+    found = values(results, test, peer, key)
+    return statistics.median(found) if found else None
+
+
+def any_failed(results: dict) -> bool:
+    return any("fail" in rep for peers in results.values() for reps in peers.values() for rep in reps)
+
+
+def brief(test: str, value: dict) -> str:
+    """One repetition in a few words (the progress line)."""
+    if "fail" in value and len(value) <= 2:
+        return "FAIL: %s" % value["fail"][:300]
+    shown = ["%s %s" % (key, ("%.2f" % v) if isinstance(v, float) else v) for key, v in value.items()
+             if key not in ("fail", "contended")]
+    return ", ".join(shown) + ("  FAIL: %s" % value["fail"][:300] if "fail" in value else "")
+
+
+def peers_in(results: dict) -> list[str]:
+    return [p for p in PEER_TITLES if any(p in results.get(test, {}) for test in results)]
+
+
+def cell(results: dict, test: str, peer: str, key: str, fmt: str) -> tuple[str, str]:
+    """(median, "min-max") as text; "FAIL" marks a peer with failed repetitions."""
+    if peer not in results.get(test, {}):
+        return "·", ""
+    found = values(results, test, peer, key)
+    failed = failures(results, test, peer)
+    mark = " FAIL" if failed else ""
+    if not found:
+        return ("FAIL" if failed else "-"), ""
+    spread = "%s–%s" % (fmt % min(found), fmt % max(found)) if len(found) > 1 else ""
+    return fmt % statistics.median(found) + mark, spread
+
+
+def labels(env: dict) -> dict:
+    s = env["settings"]
+    big = "1 GiB" if s["big"] == 1 << 30 else "%d MiB" % (s["big"] // MIB)
+    return {"big": big, "idle": "{:,}".format(s["idle"]),
+            "bulk": "%d × %d MiB" % (s["bulk_count"], s["bulk_size"] // MIB)}
+
+
+# -- targets (issue 11, item 3): medians of one run, one worker unless said ------------------------
+
+def _ratio(results, test, key, num, den):
+    a, b = median(results, test, num, key), median(results, test, den, key)
+    return None if a is None or not b else a / b
+
+
+def targets(results: dict, env: dict) -> list[dict]:
+    s = env["settings"]
+    bulk_limit = s["bulk_count"] * s["bulk_size"] / MIB + 64
+    rows = [
+        ("small req/s: Sluice / Squid", _ratio(results, "small", "rps", "sluice", "squid"), ">=", 1.5, "x"),
+        ("small req/s: Sluice / mitmproxy", _ratio(results, "small", "rps", "sluice", "mitmproxy"), ">=", 25, "x"),
+        ("small p99 latency, Sluice (ms)", median(results, "small", "sluice", "p99_ms"), "<=", 8, ""),
+        ("small req/s: Sluice hooks+10 rules / Sluice", _ratio(results, "small", "rps", "sluice-hooks", "sluice"),
+         ">=", 0.85, "x"),
+        ("small: Sluice CPU µs/request (about)", median(results, "small", "sluice", "cpu_us"), "<=", 50, ""),
+        ("chunked MB/s: Sluice / HAProxy splice", _ratio(results, "chunked", "mbps", "sluice", "haproxy-splice"),
+         ">=", 2.0, "x"),
+        ("download MB/s: Sluice / HAProxy splice", _ratio(results, "download", "mbps", "sluice", "haproxy-splice"),
+         ">=", 1.1, "x"),
+        ("upload MB/s: Sluice / HAProxy splice", _ratio(results, "upload", "mbps", "sluice", "haproxy-splice"),
+         ">=", 1.0, "x"),
+        ("download: Sluice CPU s/GiB", median(results, "download", "sluice", "cpu_s_per_gib"), "<=", 0.4, ""),
+        ("upload: Sluice CPU s/GiB", median(results, "upload", "sluice", "cpu_s_per_gib"), "<=", 0.4, ""),
+        ("idle: Sluice RSS KiB/conn at %s" % labels(env)["idle"], median(results, "idle", "sluice", "kib_per_conn"),
+         "<=", 8, ""),
+        ("bulk: Sluice buffer peak RSS (MiB)", median(results, "bulk", "sluice-buffer", "peak_rss_mib"),
+         "<=", bulk_limit, ""),
+    ]
+    out = []
+    for name, value, op, goal, unit in rows:
+        ok = value is not None and (value >= goal if op == ">=" else value <= goal)
+        out.append({"name": name, "value": value, "wanted": "%s %g%s" % (op, goal, unit),
+                    "status": "PASS" if ok else ("MISS" if value is not None else "FAIL"), "unit": unit,
+                    "by": None if value is None else value / goal})
+    return out
+
+
+def target_failures(results: dict) -> dict[str, int]:
+    """Failed repetitions of the peers the targets read."""
+    out = {}
+    for test, peers in results.items():
+        for peer in ("sluice", "sluice-hooks", "sluice-buffer"):
+            if failures(results, test, peer):
+                out["%s/%s" % (test, peer)] = failures(results, test, peer)
+    return out
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+def _fmt_value(t: dict) -> str:
+    if t["value"] is None:
+        return "-"
+    return ("%.2f" % t["value"]) + t["unit"]
+
+
+def text(data: dict) -> str:
+    results, env = data["results"], data["environment"]
+    names = peers_in(results)
+    lab = labels(env)
+    w0, w = 40, 15
+    lines = ["%-*s" % (w0, "median (min–max) of %d" % env["settings"]["reps"])
+             + "".join("%*s" % (w, PEER_TITLES[n]) for n in names)]
+    for test, key, label, fmt in ROWS:
+        cells = [cell(results, test, n, key, fmt) for n in names]
+        lines.append("%-*s" % (w0, label.format(**lab)) + "".join("%*s" % (w, c[0]) for c in cells))
+        if any(c[1] for c in cells):
+            lines.append("%-*s" % (w0, "") + "".join("%*s" % (w, c[1]) for c in cells))
+    lines += ["", "ratios of medians: x direct / x HAProxy (splice for the streaming rows)"]
+    for test, key, ref in RATIOS:
+        row = []
+        for n in names:
+            a, d, h = (median(results, test, p, key) for p in (n, "direct", ref))
+            row.append("·" if a is None or n not in results[test] else
+                       "%s/%s" % ("%.2f" % (a / d) if d else "-", "%.2f" % (a / h) if h else "-"))
+        lines.append("%-*s" % (w0, "  " + test) + "".join("%*s" % (w, c) for c in row))
+    lines += ["", "%-46s %10s  %-8s %s" % ("target (issue 11)", "measured", "wanted", "")]
+    for t in targets(results, env):
+        lines.append("%-46s %10s  %-8s %s" % (t["name"], _fmt_value(t), t["wanted"], t["status"]))
+    lines += notes(data)
+    return "\n".join(lines)
+
+
+def notes(data: dict) -> list[str]:
+    results = data["results"]
+    out = []
+    for test, peers in results.items():
+        for peer, reps in peers.items():
+            for i, rep in enumerate(reps):
+                if "fail" in rep:
+                    out.append("FAILED %s, %s, repetition %d: %s" % (test, peer, i + 1, rep["fail"][:600]))
+    contended = sorted({"%s/%s" % (t, p) for t, ps in results.items() for p, reps in ps.items()
+                        for rep in reps if rep.get("contended")})
+    if contended:
+        out.append("other labs (network namespaces not ours) existed during %d measurements (%s%s): "
+                   "they share the CPUs, numbers are skewed" % (len(contended), ", ".join(contended[:8]),
+                                                                 ", ..." if len(contended) > 8 else ""))
+    return [""] + out if out else []
+
+
+def machine_line(env: dict) -> str:
+    v = env["versions"]
+    return ("%s, %d cores, kernel %s, Python %s; Sluice %s, HAProxy %s, Squid %s, mitmproxy %s; "
+            "RLIMIT_NOFILE %d" % (env["cpu"], env["cores"], env["kernel"], env["python"], v.get("sluice"),
+                                  v.get("haproxy"), v.get("squid"), v.get("mitmproxy"), env["nofile"]))
+
+
+def markdown(data: dict) -> str:
+    results, env = data["results"], data["environment"]
+    names = peers_in(results)
+    lab = labels(env)
+    out = ["# `make bench`%s results" % (" (quick)" if env["quick"] else ""), "",
+           "Date: %s; %d s; load average at start %.2f." % (env["date"], env["elapsed_s"], env["loadavg_1m"]), "",
+           "Machine: %s." % machine_line(env), "",
+           "Median (min–max) of %d repetitions; peers interleaved in rotating order; `·` = not in this test."
+           % env["settings"]["reps"], "",
+           "| | " + " | ".join(PEER_TITLES[n] for n in names) + " |",
+           "|---|" + "---:|" * len(names)]
+    for test, key, label, fmt in ROWS:
+        cells = [cell(results, test, n, key, fmt) for n in names]
+        label = label.format(**lab) if not label.startswith("  ") else "%s: %s" % (test, label.strip())
+        out.append("| %s | %s |" % (label, " | ".join(
+            c[0] + (" (%s)" % c[1] if c[1] else "") for c in cells)))
+    out += ["", "Ratios of medians, × direct / × HAProxy (HAProxy splice for download, upload, chunked):", "",
+            "| | " + " | ".join(PEER_TITLES[n] for n in names) + " |", "|---|" + "---:|" * len(names)]
+    for test, key, ref in RATIOS:
+        row = []
+        for n in names:
+            a, d, h = (median(results, test, p, key) for p in (n, "direct", ref))
+            row.append("·" if a is None or n not in results[test] else
+                       "%s / %s" % ("%.2f" % (a / d) if d else "-", "%.2f" % (a / h) if h else "-"))
+        out.append("| %s | %s |" % (test, " | ".join(row)))
+    out += ["", "Targets (issue 11; medians, one worker):", "", "| target | measured | wanted | |", "|---|---:|---|---|"]
+    for t in targets(results, env):
+        out.append("| %s | %s | %s | %s |" % (t["name"], _fmt_value(t), t["wanted"], t["status"]))
+    out += ["", "Sluice's configuration: etc/sluice.yaml as shipped, except: %s." % env["sluice_changes"]]
+    out += [line if not line else "- " + line for line in notes(data)]
+    return "\n".join(out) + "\n"
