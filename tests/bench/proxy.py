@@ -134,12 +134,19 @@ def point_at(lab: Lab, peer: P.Peer, current: int | None) -> int | None:
     return peer.port
 
 
+def count_redirected(listing: str, port: int) -> int:
+    """The packet counters of the REDIRECT rules toward `port` in `iptables -L -v -x -n`
+    output, summed; the nat table sees only the first packet of a connection, so this counts
+    connections."""
+    return sum(int(line.split()[0]) for line in listing.splitlines()
+               if " REDIRECT " in line and line.rstrip().endswith("redir ports %d" % port))
+
+
 def redirected(lab: Lab, port: int) -> int:
-    """Connections the nat REDIRECT rules toward `port` have sent there (the nat table sees
-    the first packet of each connection only)."""
+    """Connections the gateway's IPv4 REDIRECT rules have sent to `port` so far."""
     out = lab.gateway.run(["iptables", "-w", "-t", "nat", "-L", "PREROUTING", "-v", "-x", "-n"],
                           capture_output=True, text=True, timeout=30).stdout
-    return sum(int(line.split()[0]) for line in out.splitlines() if line.rstrip().endswith("redir ports %d" % port))
+    return count_redirected(out, port)
 
 
 class Through:
