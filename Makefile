@@ -64,10 +64,11 @@ bench-deps:
 
 # `make bench`: the parser bench (a missed target there does not stop the rest), then the proxy
 # bench, full size (1 GiB bodies, 3 repetitions; about 20 minutes on 2 cores), written to
-# bench/results.md.  `make bench-quick`: the same code, small sizes, one repetition (~2 min).
+# bench/results.md (BENCH_ARGS="--wait-quiet 300" waits for other labs to end first).
+# `make bench-quick`: the same code, small sizes, one repetition (~2 min).
 bench: deps bench-deps venv $(MITMDUMP)
 	-$(PY) -m tests.bench.parser
-	$(PY) -m tests.bench.proxy --mitmdump $(MITMDUMP) --results bench/results.md $(if $(BENCH_JSON),--json $(BENCH_JSON))
+	$(PY) -m tests.bench.proxy --mitmdump $(MITMDUMP) --results bench/results.md $(if $(BENCH_JSON),--json $(BENCH_JSON)) $(BENCH_ARGS)
 
 bench-quick: deps bench-deps venv $(MITMDUMP)
 	$(PY) -m tests.bench.proxy --quick --mitmdump $(MITMDUMP) --results bench/results-quick.md

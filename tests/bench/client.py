@@ -45,8 +45,9 @@ def say(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def request(host: str, path: str, method: str = "GET", length: int | None = None) -> bytes:
-    head = "%s %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: sluice-bench\r\n" % (method, path, host)
+def request(host: str, port: int, path: str, method: str = "GET", length: int | None = None) -> bytes:
+    authority = host if port == 80 else "%s:%d" % (host, port)
+    head = "%s %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: sluice-bench\r\n" % (method, path, authority)
     if length is not None:
         head += "Content-Length: %d\r\n" % length
     return (head + "\r\n").encode()
@@ -139,7 +140,7 @@ def get(args) -> dict:
     buf = touched(room)
     t0 = time.perf_counter()
     sock = socket.create_connection((args.host, args.port), timeout=IO_TIMEOUT)
-    sock.sendall(request(args.host, args.path))
+    sock.sendall(request(args.host, args.port, args.path))
     status, fields, start = read_head(sock)
     if "chunked" in fields.get("transfer-encoding", "").lower():
         wire = recv_chunked_wire(sock, buf, start)
@@ -163,8 +164,11 @@ def put(args) -> dict:
     payload = body(args.size)
     t0 = time.perf_counter()
     sock = socket.create_connection((args.host, args.port), timeout=IO_TIMEOUT)
-    sock.sendall(request(args.host, args.path, "PUT", len(payload)))
-    sock.sendall(payload)
+    try:
+        sock.sendall(request(args.host, args.port, args.path, "PUT", len(payload)))
+        sock.sendall(payload)
+    except OSError as exc:   # an early answer (an error) may explain it
+        raise ClientError("%s while sending; the answer: %s" % (exc, early_answer(sock))) from None
     status, fields, start = read_head(sock)
     length = int(fields.get("content-length", "0"))
     buf = bytearray(length)
@@ -179,6 +183,15 @@ def put(args) -> dict:
     return {"status": status, "bytes": len(payload), "seconds": seconds, "answer": answer}
 
 
+def early_answer(sock: socket.socket) -> str:
+    """What the other side sent before it stopped reading (at most 300 bytes), or why not."""
+    try:
+        sock.settimeout(2)
+        return repr(sock.recv(300)[:300])
+    except OSError as exc:
+        return "none (%s)" % exc
+
+
 # -- many connections: one selector loop ------------------------------------------------------
 
 class Conn:
@@ -187,7 +200,7 @@ class Conn:
     def __init__(self, host: str, port: int, path: str, buf: memoryview):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setblocking(False)
-        self.out, self.buf, self.got = request(host, path), buf, 0
+        self.out, self.buf, self.got = request(host, port, path), buf, 0
         self.head = b""
         self.status: int | None = None
         self.started = time.monotonic()
@@ -279,7 +292,7 @@ def blocking_get(host: str, port: int, path: str, size: int, sock: socket.socket
         sock = sock or socket.create_connection((host, port), timeout=10)
         sock.setblocking(True)
         sock.settimeout(10)
-        sock.sendall(request(host, path))
+        sock.sendall(request(host, port, path))
         status, fields, start = read_head(sock)
         buf = bytearray(size)
         buf[:len(start)] = start[:size]

@@ -283,8 +283,10 @@ class Bench:
             return
         peer.stop()
         peer.start()
-        self.client(["bulk", self.host, NGINX_PORT, "/1k.bin", "--size", SMALL, "--count", 20,
-                     "--sha256", self.sha[SMALL], "--deadline", 30], 60)
+        warm = self.client(["bulk", self.host, NGINX_PORT, "/1k.bin", "--size", SMALL, "--count", 20,
+                            "--sha256", self.sha[SMALL], "--deadline", 30], 60)
+        if warm["done"] != 20 or warm["bad"]:
+            raise Failed("after a restart, %d of 20 warm-up requests succeeded: %s" % (warm["done"] - warm["bad"], warm["errors"]))
         time.sleep(0.5)
 
     def idle(self, peer: P.Peer) -> dict:
@@ -319,7 +321,8 @@ class Bench:
 
     @staticmethod
     def budget_note(peer: P.Peer) -> str:
-        lines = [line for line in peer.log_tail(20000).splitlines() if "serving at most" in line]
+        head = peer.log_path.read_text(errors="replace")[:50000] if peer.log_path.exists() else ""
+        lines = [line for line in head.splitlines() if "serving at most" in line]
         return "; the peer says: %s" % lines[-1].split(" WARNING ")[-1][:200] if lines else ""
 
     @staticmethod
@@ -403,10 +406,22 @@ def measure_one(bench: Bench, test: str, name: str, results: dict) -> None:
                                          "  (other labs ran meanwhile)" if others else ""))
 
 
-def measure(bench: Bench) -> dict:
+def wait_quiet(lab: Lab, seconds: float) -> None:
+    """Wait (at most `seconds`) until no other lab's namespaces exist."""
+    deadline = time.monotonic() + seconds
+    if foreign_netns(lab) and seconds > 0:
+        say("waiting up to %.0f s for other labs to end: %s" % (seconds, ", ".join(sorted(foreign_netns(lab)))))
+    while foreign_netns(lab) and time.monotonic() < deadline:
+        time.sleep(5)
+
+
+def measure(bench: Bench, env: dict, quiet_wait: float) -> dict:
     results = {test: {} for test in TESTS}
+    env["rep_load"] = []
     for rep in range(bench.s.reps):
-        say("repetition %d of %d" % (rep + 1, bench.s.reps))
+        wait_quiet(bench.lab, quiet_wait)
+        env["rep_load"].append(round(os.getloadavg()[0], 2))
+        say("repetition %d of %d (load average %.2f)" % (rep + 1, bench.s.reps, env["rep_load"][-1]))
         for t, (test, names) in enumerate(TESTS.items()):
             shift = (rep + t) % len(names)
             for name in names[shift:] + names[:shift]:
@@ -426,14 +441,14 @@ def environment(bench: Bench, settings: Settings, quick: bool) -> dict:
             "sluice_changes": P.SLUICE_CHANGES, "other_netns_at_start": sorted(foreign_netns(bench.lab))}
 
 
-def run(bench: Bench, quick: bool) -> dict:
+def run(bench: Bench, quick: bool, quiet_wait: float = 0) -> dict:
     t0 = time.monotonic()
     bench.setup()
     env = environment(bench, bench.s, quick)
     say("lab %s up, files written, %d peers started in %.1f s; %d cores, load %.2f%s" % (
         bench.lab.gateway.name, len(PEERS) - 1, time.monotonic() - t0, env["cores"], env["loadavg_1m"],
         "; other labs: %s" % ", ".join(env["other_netns_at_start"]) if env["other_netns_at_start"] else ""))
-    results = measure(bench)
+    results = measure(bench, env, quiet_wait)
     env["elapsed_s"] = round(time.monotonic() - t0)
     return {"environment": env, "results": results}
 
@@ -450,6 +465,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, one repetition (about two minutes)")
     parser.add_argument("--results", type=Path, help="write the results as Markdown here")
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON here")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="before each repetition, wait up to SECONDS for other labs to end")
     parser.add_argument("--mitmdump", type=Path, default=P.MITMDUMP, help="mitmdump 11 (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -465,7 +482,7 @@ def main(argv=None) -> int:
     say("Sluice proxy benchmark (%s): %s" % ("quick" if args.quick else "full", ", ".join(PEERS)))
     data, status = None, 0
     try:
-        data = run(Bench(lab, workdir, settings, args.mitmdump), args.quick)
+        data = run(Bench(lab, workdir, settings, args.mitmdump), args.quick, args.wait_quiet)
     except (BenchError, P.PeerError, LabError, subprocess.SubprocessError, OSError) as exc:
         print("\nFAILED: %s" % exc, file=sys.stderr, flush=True)
         status = 1

@@ -222,12 +222,42 @@ def machine_line(env: dict) -> str:
                                   v.get("haproxy"), v.get("squid"), v.get("mitmproxy"), env["nofile"]))
 
 
+README_PEERS = ("direct", "sluice", "sluice-2w", "haproxy-splice", "haproxy", "squid", "mitmproxy")
+README_ROWS = (("download", "mbps", "download {big}, MB/s", "%.0f"),
+               ("upload", "mbps", "upload {big}, MB/s", "%.0f"),
+               ("chunked", "mbps", "chunked download {big}, MB/s", "%.0f"),
+               ("download", "cpu_s_per_gib", "proxy CPU per downloaded GiB, s", "%.2f"),
+               ("small", "rps", "small requests/s (wrk, 50 connections, 1 KiB)", "%.0f"),
+               ("small", "p99_ms", "small requests: p99 latency, ms", "%.1f"),
+               ("small", "cpu_us", "proxy CPU per small request, µs", "%.0f"),
+               ("idle", "kib_per_conn", "RSS per idle keep-alive connection ({idle}), KiB", "%.1f"),
+               ("bulk", "peak_rss_mib", "peak RSS, {bulk} at once, MiB", "%.0f"))
+
+
+def readme_table(data: dict) -> str:
+    """The short table for the README: medians only, the main peers (Sluice's buffered-body
+    row is its buffering configuration)."""
+    results, lab = data["results"], labels(data["environment"])
+    out = ["| median of %d | " % data["environment"]["settings"]["reps"]
+           + " | ".join(PEER_TITLES[n] for n in README_PEERS) + " |", "|---|" + "---:|" * len(README_PEERS)]
+    for test, key, label, fmt in README_ROWS:
+        row = []
+        for n in README_PEERS:
+            peer = "sluice-buffer" if (test, n) == ("bulk", "sluice") else n
+            text, _ = cell(results, test, peer, key, fmt)
+            no_proxy = n == "direct" and key in ("cpu_s_per_gib", "cpu_us", "kib_per_conn", "peak_rss_mib")
+            row.append("–" if text in ("·", "-") or no_proxy else text)
+        out.append("| %s | %s |" % (label.format(**lab), " | ".join(row)))
+    return "\n".join(out)
+
+
 def markdown(data: dict) -> str:
     results, env = data["results"], data["environment"]
     names = peers_in(results)
     lab = labels(env)
     out = ["# `make bench`%s results" % (" (quick)" if env["quick"] else ""), "",
-           "Date: %s; %d s; load average at start %.2f." % (env["date"], env["elapsed_s"], env["loadavg_1m"]), "",
+           "Date: %s; %d s; load average at start %.2f, at each repetition's start %s." % (
+               env["date"], env["elapsed_s"], env["loadavg_1m"], ", ".join(map(str, env.get("rep_load", [])))), "",
            "Machine: %s." % machine_line(env), "",
            "Median (min–max) of %d repetitions; peers interleaved in rotating order; `·` = not in this test."
            % env["settings"]["reps"], "",
@@ -251,5 +281,7 @@ def markdown(data: dict) -> str:
     for t in targets(results, env):
         out.append("| %s | %s | %s | %s |" % (t["name"], _fmt_value(t), t["wanted"], t["status"]))
     out += ["", "Sluice's configuration: etc/sluice.yaml as shipped, except: %s." % env["sluice_changes"]]
+    out += ["", "The README's table (medians; Sluice's buffered row is its `stream_large_bodies: 16m` peer):", "",
+            readme_table(data)]
     out += [line if not line else "- " + line for line in notes(data)]
     return "\n".join(out) + "\n"

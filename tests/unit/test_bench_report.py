@@ -108,3 +108,17 @@ def test_targets_pass_miss_and_missing():
     assert by_name["small req/s: Sluice hooks+10 rules / Sluice"]["status"] == "FAIL"
     assert by_name["bulk: Sluice buffer peak RSS (MiB)"]["status"] == "PASS"     # 800 + 64
     assert by_name["download MB/s: Sluice / HAProxy splice"]["status"] == "FAIL"  # not measured
+
+
+def test_readme_table_uses_the_buffering_peer_for_memory():
+    res = results(bulk={"sluice-buffer": [{"mbps": 100.0, "peak_rss_mib": 900.0}],
+                        "sluice": [{"mbps": 400.0, "peak_rss_mib": 46.0}]},
+                  small={"direct": [{"rps": 30000.0, "p99_ms": 5.0, "cpu_us": 0.0}]})
+    table = report.readme_table({"results": res, "environment": ENV}).splitlines()
+    assert table[0].startswith("| median of 1 | direct | Sluice |")
+    memory = next(line for line in table if line.startswith("| peak RSS, 100 × 8 MiB"))
+    assert memory.split(" | ")[2] == "900"
+    small = next(line for line in table if line.startswith("| small requests/s"))
+    assert small.split(" | ")[1] == "30000"
+    assert next(line for line in table if line.startswith("| small requests: p99")).split(" | ")[1] == "5.0"
+    assert next(line for line in table if line.startswith("| proxy CPU per small")).split(" | ")[1] == "–"
