@@ -30,6 +30,7 @@ JSON format (``access_log: json``): one object per line with the keys of ``summa
 
 import json
 import sys
+import time
 
 import gevent
 
@@ -134,6 +135,60 @@ def format_json(record):
 FORMATS = {"text": format_text, "json": format_json}
 
 
+# --- the fast path: a flow's fields, captured as a tuple when it ends -----------------------
+
+_second = [None, ""]        # (epoch second, its "YYYY-MM-DDTHH:MM:SS") cache
+
+
+def _iso(epoch):
+    second = int(epoch)
+    if _second[0] != second:
+        _second[0] = second
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return "%s.%06dZ" % (_second[1], int((epoch - second) * 1e6))
+
+
+class Fields(tuple):
+    """What the access log needs of a flow, captured when it ends (no dict, no formatting):
+    (start, client ip, client port, dest ip, dest port, mode, method, url, status, bytes in,
+    bytes out, duration, flow id, decisions, rules, error, host)."""
+
+    __slots__ = ()
+
+
+def fields_summary(f):
+    """``summary`` of Fields: the same keys, the same values as for the flow's record."""
+    (start, cip, cport, dip, dport, mode, method, url, status, sent, received, duration,
+     flow_id, decisions, rules, error, host) = f
+    parts = ["%s: %s (%s)" % (what, action, reason[0] % reason[1:])
+             for what, action, reason in decisions]
+    if rules:
+        parts.append("rules: %s" % ", ".join(rules))
+    return {"time": _iso(start), "event_type": "http", "client": address(cip, cport),
+            "dest": address(dip, dport), "mode": mode, "method": method, "url": url,
+            "host": host, "status": status, "bytes_in": sent, "bytes_out": received,
+            "duration": duration, "flow_id": flow_id, "decision": "; ".join(parts),
+            "error": error}
+
+
+def _format_fields_text(f):
+    s = fields_summary(f)
+    duration = s["duration"]
+    return " ".join([s["time"], s["client"], s["dest"], s["mode"], s["method"] or "-",
+                     (s["url"] or "-").translate(_URL_UNSAFE),
+                     "-" if s["status"] is None else str(s["status"]),
+                     str(s["bytes_in"]), str(s["bytes_out"]),
+                     "-" if duration is None else "%.3f" % duration,
+                     s["flow_id"], _quoted(s["decision"]), _quoted(s["error"])]) + "\n"
+
+
+def _format_fields_json(f):
+    return json.dumps(fields_summary(f), ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+FIELD_FORMATS = {"text": _format_fields_text, "json": _format_fields_json}
+
+
 class AccessLog:
     """``add(record)`` per flow; a greenlet formats and writes what is pending in batches.
 
@@ -151,6 +206,7 @@ class AccessLog:
         self.dropped = 0
         self.write_errors = 0
         self._format = FORMATS.get(mode)
+        self._format_fields = FIELD_FORMATS.get(mode)
         self._pending = []
         self._writer = None
 
@@ -160,7 +216,11 @@ class AccessLog:
         return self
 
     def add(self, record):
-        if self._format is None or record.get("event_type") == "websocket_message":
+        """A flow record (a dict), or a flow's ``Fields`` (the fast path for plain exchanges,
+        formatted later like a record)."""
+        if self._format is None:
+            return
+        if type(record) is not Fields and record.get("event_type") == "websocket_message":
             return
         if len(self._pending) >= self.MAX_PENDING:
             self.dropped += 1
@@ -175,7 +235,10 @@ class AccessLog:
         lines = []
         for record in batch:
             try:
-                lines.append(self._format(record))
+                if type(record) is Fields:
+                    lines.append(self._format_fields(record))
+                else:
+                    lines.append(self._format(record))
             except (AttributeError, TypeError, ValueError):   # not a flow record: skip it
                 self.dropped += 1
         text = "".join(lines)

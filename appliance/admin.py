@@ -73,7 +73,8 @@ class Admin:
         with open(PAGE, "rb") as page:
             self.page = page.read()
         proxy.ctx.recent = collections.deque(maxlen=RECENT)
-        self.routes = {"/": self._page, "/metrics": self._metrics, "/healthz": self._healthz,
+        self.routes = {"/": self._page, "/metrics": self._metrics,
+                       "/metrics/own": self._own_metrics, "/healthz": self._healthz,
                        "/flows/active": self._active, "/flows/recent": self._recent,
                        "/flows.har": self._har}
 
@@ -120,9 +121,27 @@ class Admin:
     def _page(self):
         return "200 OK", "text/html; charset=utf-8", self.page, []
 
-    def _metrics(self):
+    def _own_metrics(self):
+        """This process's counters alone."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry), []
+
+    def _metrics(self):
+        """The counters of every worker, summed (worker 0 asks the others for their
+        /metrics/own over loopback); one process: its own."""
+        proxy = self.proxy
+        if proxy.workers <= 1 or proxy.worker != 0:
+            return self._own_metrics()
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        texts = [generate_latest(self.registry).decode()]
+        missing = 0
+        for other in range(1, proxy.workers):
+            text = _fetch(self.host, self.port + other, "/metrics/own")
+            if text is None:
+                missing += 1
+            else:
+                texts.append(text)
+        return "200 OK", CONTENT_TYPE_LATEST, sum_metrics(texts, missing), []
 
     def _healthz(self):
         if self.proxy.ctx.draining:
@@ -181,6 +200,63 @@ class Admin:
                 "recording": recorder is not None,
                 "recorder_written": recorder.written if recorder else None,
                 "recorder_dropped": recorder.dropped if recorder else None}
+
+
+def _fetch(host, port, path, timeout=1.0):
+    """GET ``path`` from another worker's admin endpoint: its body, or None."""
+    try:
+        with gevent.Timeout(timeout):
+            sock = gsocket.create_connection((host, port))
+            try:
+                sock.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (path, host)).encode())
+                data = b""
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            finally:
+                sock.close()
+    except (OSError, gevent.Timeout):
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    return body.decode() if head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200") \
+        else None
+
+
+def sum_metrics(texts, missing=0):
+    """Prometheus texts of several workers as one: every sample summed by name and labels
+    (counters, gauges and histogram buckets all add up), plus sluice_workers_missing."""
+    from prometheus_client.parser import text_string_to_metric_families
+    families, totals = {}, collections.OrderedDict()
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            families.setdefault(family.name, family)
+            for sample in family.samples:
+                key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                totals[key] = totals.get(key, 0.0) + sample.value
+    lines = []
+    for name, family in families.items():
+        shown = name + "_total" if family.type == "counter" else name   # as generate_latest
+        lines.append("# HELP %s %s" % (shown, family.documentation.replace("\n", " ")))
+        lines.append("# TYPE %s %s" % (shown, family.type))
+        for (fname, sample, labels), value in totals.items():
+            if fname == name:
+                lines.append("%s%s %s" % (sample, _labels(labels), _number(value)))
+    lines += ["# HELP sluice_workers_missing workers whose counters could not be read",
+              "# TYPE sluice_workers_missing gauge", "sluice_workers_missing %d" % missing]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _labels(labels):
+    if not labels:
+        return ""
+    return "{%s}" % ",".join('%s="%s"' % (k, v.replace("\\", "\\\\").replace('"', '\\"')
+                                                .replace("\n", "\\n")) for k, v in labels)
+
+
+def _number(value):
+    return repr(float(value)) if value != int(value) else "%d.0" % value
 
 
 def _json(value):

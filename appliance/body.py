@@ -131,7 +131,7 @@ def forward(t, head_sent=False):
         else Framing.CLOSE
     if reason is not None:
         t.decided("stream", reason)
-        return _stream(t, send, framing, out, [])
+        return _stream(t, send, framing, out, None)
     cap = min(t.threshold, t.limit)
     held, end = _buffer(t, cap)
     if end is not None:
@@ -309,6 +309,7 @@ def _stream_length(t):
 
 
 def _relay(t, count):
+    t.message.relayed = "spliced" if t.splice else "copied"
     if t.splice:
         pipe = relay.take_pipe()
         try:
@@ -324,8 +325,12 @@ def _stream_events(t, framing, out):
     spliced until EOF."""
     message = t.message
     message.streamed = True
+    message.relayed = "copied"            # through user space (splice sets its own)
     if framing is Framing.CLOSE and out is Framing.CLOSE:
         _stream_until_close(t)
+        return
+    if framing is Framing.CHUNKED and out is Framing.CHUNKED:
+        _pass_chunked(t)
         return
     dst = t.dst
     chunked = out is Framing.CHUNKED
@@ -352,6 +357,37 @@ def _stream_events(t, framing, out):
                 pending.append(event.raw if event.raw and not rechunk else b"0\r\n\r\n")
             flush()
             return
+
+
+def _pass_chunked(t):
+    """A chunked body to a peer that takes chunked: every read's validated bytes go out as
+    they came, in one send, without a copy per chunk (the parser checks each size line and
+    CRLF in place); the last chunk and the trailers through next_event."""
+    message, parser, dst = t.message, t.parser, t.dst
+    t.meter = meter = relay.Meter()
+    meter.bytes = message.body_size
+    while True:
+        try:
+            wire, data, last = parser.pass_chunked()
+        except errors.ProtocolError as exc:
+            if t.is_request:
+                raise
+            raise errors.BadUpstreamResponse("invalid response body from %s: %s" % (
+                t.source_name, exc)) from exc
+        try:
+            if wire:
+                dst.sendall(wire)
+        finally:
+            wire.release()
+        message.body_size += data
+        meter.bytes = message.body_size
+        if not last:
+            parser.receive_data(t.src.recv(relay.STREAM_RECV_SIZE))
+            continue
+        event = next_event(t)          # the last chunk and the trailers (reading as needed)
+        message.trailers = event.trailers
+        dst.sendall(event.raw or b"0\r\n\r\n")
+        return
 
 
 def _stream_until_close(t):
@@ -423,6 +459,7 @@ def _stream_transformed(t, framing, out, held):
     exhausted, the rest of the source is left unread (``t.rest_unread``)."""
     message = t.message
     message.streamed = True
+    message.relayed = "copied"
     message.body_size = 0        # the source counts every piece, the held ones included
     dst = t.dst
     chunked = out is Framing.CHUNKED

@@ -324,7 +324,9 @@ class Config:
         "auto", _choice(("auto", "none", "xff", "rfc7239")),
         "tell the origin the client's address: X-Forwarded-For (xff), Forwarded (rfc7239), "
         "none; auto: xff on regular listeners, none on intercepting ones")
-    workers: int = _opt(1, lambda v: _parse_int(v, 1, 256), "worker processes")
+    workers: typing.Union[int, str] = _opt(
+        1, lambda v: v if v == "auto" else _parse_int(v, 1, 256),
+        "worker processes: N, or auto (one per CPU); each has its own SO_REUSEPORT listeners")
     intercept: typing.Optional[Intercept] = _optional_section(
         Intercept, "interception rules for `sluice iptables`; absent or null: none")
     log_level: str = _opt("info", _choice(LOG_LEVELS), "debug | info | warning | error")
@@ -333,8 +335,18 @@ class Config:
 
 # --- loading ------------------------------------------------------------------------------
 
-def _to_python(node, path, lines):
-    """A composed YAML node -> plain Python, recording each path's line in ``lines``."""
+# A config or rule file expands to at most this many values, aliases counted where they
+# are used: a few kilobytes of aliases ("billion laughs") otherwise take minutes and
+# gigabytes, on the event loop when it is a reload.
+MAX_YAML_NODES = 100_000
+
+
+def _to_python(node, path, lines, budget):
+    """A composed YAML node -> plain Python, recording each path's line in ``lines``;
+    ``budget`` is a one-item list counting down the values still allowed."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooBig(node.start_mark.line + 1)
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out = {}
@@ -342,11 +354,17 @@ def _to_python(node, path, lines):
             key = key_node.value
             if key in out:
                 raise _Duplicate(key, key_node.start_mark.line + 1)
-            out[key] = _to_python(value_node, path + (key,), lines)
+            out[key] = _to_python(value_node, path + (key,), lines, budget)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_python(item, path + (i,), lines) for i, item in enumerate(node.value)]
+        return [_to_python(item, path + (i,), lines, budget) for i, item in enumerate(node.value)]
     return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+
+
+class _TooBig(Exception):
+    def __init__(self, line):
+        super().__init__(line)
+        self.line = line
 
 
 class _Duplicate(Exception):
@@ -431,17 +449,26 @@ def read_yaml(path=None, text=None):
     lines = {}
     if path is not None and text is None:
         try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
+            with open(path, "rb") as handle:
+                data = handle.read()
         except OSError as exc:
             raise ConfigError(["%s: cannot read: %s" % (path, exc.strerror)]) from exc
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(["%s:%d: not UTF-8 text (byte 0x%02x at offset %d)" % (
+                path, data[:exc.start].count(b"\n") + 1, data[exc.start], exc.start)]) from None
     if text is None:
         return {}, lines
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        return (_to_python(node, (), lines) if node is not None else None), lines
+        return (_to_python(node, (), lines, [MAX_YAML_NODES])
+                if node is not None else None), lines
     except _Duplicate as exc:
         raise ConfigError(["%s:%d: %s: duplicate key" % (source, exc.line, exc.key)]) from None
+    except _TooBig as exc:
+        raise ConfigError(["%s:%d: more than %d values once aliases are expanded" % (
+            source, exc.line, MAX_YAML_NODES)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = ":%d" % (mark.line + 1) if mark is not None else ""

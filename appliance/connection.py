@@ -13,6 +13,7 @@ its framing (Content-Length, chunked) shows the body is short, with a reset (RST
 close-delimited and a FIN would make it look complete.
 """
 
+import collections
 import http
 import logging
 import time
@@ -35,6 +36,7 @@ log = logging.getLogger("sluice")
 
 TLS = object()            # _read_request_head's answer for a TLS ClientHello
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+PARK_AFTER = 1.0          # seconds a keep-alive connection waits with its greenlet, then parks
 EXPECT_WAIT = 1.0         # seconds to wait for the origin's 100 Continue (curl waits 1 s too)
 LINGER_SECONDS = 2.0      # reading what a client still sends after its last answer
 LINGER_BYTES = 64 << 20
@@ -54,7 +56,8 @@ class Context:
         self.own_addresses = own_addresses
         self.own_ports = own_ports
         self.draining = False
-        self.connections = set()
+        self.connections = set()          # connections with a greenlet
+        self.parked = collections.OrderedDict()   # idle keep-alive ones: conn -> (since, watcher)
         self.metrics = metrics or Metrics()
         self.recorder = recorder
         self.accesslog = accesslog
@@ -64,20 +67,58 @@ class Context:
     def cfg(self):
         return self.policy.cfg
 
+    # --- parked connections: idle keep-alive clients cost a socket and one watcher ------------
+
+    def park(self, conn):
+        conn.client.park()
+        if conn.server is not None:
+            conn.server.park()
+        watcher = gevent.get_hub().loop.io(conn.client.fd, 1)
+        self.parked[conn] = (time.monotonic(), watcher)
+        watcher.start(self._wake, conn)
+
+    def _wake(self, conn):
+        """The parked client sent something (or closed): serve it in a greenlet again."""
+        entry = self.parked.pop(conn, None)
+        if entry is not None:
+            entry[1].close()
+            gevent.spawn(conn.handle, True)
+
+    def sweep(self, everything=False):
+        """Close the parked connections idle for longer than timeouts.idle (all of them when
+        draining).  Insertion order is park order, so this stops at the first young one."""
+        limit = time.monotonic() - self.cfg.timeouts.idle
+        while self.parked:
+            conn, (since, watcher) = next(iter(self.parked.items()))
+            if not everything and since > limit:
+                return
+            del self.parked[conn]
+            watcher.close()
+            conn.close_parked()
+
+    def busy(self):
+        """Connections open: served now, or parked."""
+        return len(self.connections) + len(self.parked)
+
     def finish(self, flow):
         """A flow ended: count it, record it (unless a rule said not to), log it."""
         flow.timestamps["end"] = time.time()
         kind = flow.kind
         cfg = self.cfg
         if kind == "http":
-            self.metrics.flow_done(flow, cfg.relay)
+            self.metrics.flow_done(flow)
         elif flow.tunnel is not None:
             self.metrics.bytes[("up", kind)] += flow.tunnel.up.bytes
             self.metrics.bytes[("down", kind)] += flow.tunnel.down.bytes
         if flow.error is not None:
             self.metrics.error(flow.error.kind)
         full = self.recorder is not None and flow.record
-        if not full and self.accesslog is None and self.recent is None:
+        if not full and self.recent is None:
+            if self.accesslog is not None:
+                if kind == "http" and flow.request is not None:
+                    self.accesslog.add(records.access_fields(flow))     # formatted later
+                else:
+                    self.accesslog.add(records.build(flow, cfg.record.max_body_bytes, False))
             return
         record = records.build(flow, cfg.record.max_body_bytes, full)
         if full:
@@ -97,6 +138,13 @@ class Context:
 
 class ClientConnection:
     """Serves one accepted client socket until it closes."""
+
+    # Slots, not a __dict__: thousands of these wait idle on a gateway (memory per connection).
+    __slots__ = ("ctx", "policy", "cfg", "threshold", "via", "listen", "client_addr", "client",
+                 "limits", "parser", "original_dst", "server", "server_dst", "rparser",
+                 "server_reusable", "flow", "responded", "out_framing", "early", "abort", "idle",
+                 "hello", "upload", "download", "reused", "duplex", "duplex_error", "joining",
+                 "watching", "head_sent", "facts", "upload_cut", "greenlet")
 
     def __init__(self, sock, address, listen, ctx):
         self.ctx = ctx
@@ -146,12 +194,21 @@ class ClientConnection:
 
     # --- the one place that maps exceptions to answers ----------------------------------
 
-    def handle(self):
+    def handle(self, resumed=False):
+        """Serve until the connection closes, or until it waits idle for its next request:
+        then it is parked (no greenlet, no watchers but one) and ``handle(resumed=True)``
+        runs again in a new greenlet when the client sends."""
         self.greenlet = gevent.getcurrent()
         self.ctx.connections.add(self)
+        parked = False
         try:
-            if not self._accept_passthrough():
-                self._serve()
+            if resumed:
+                self.client.unpark()
+                if self.server is not None:
+                    self.server.unpark()
+                parked = self._serve(first=False, woken=True)
+            elif not self._accept_passthrough():
+                parked = self._serve(first=True)
         except errors.SluiceError as exc:
             self._fail(exc.status, str(exc))
         except relay.IdleTimeout as exc:
@@ -177,8 +234,9 @@ class ClientConnection:
             self._fail(500, "internal error", logged=True, kind="internal")
         finally:
             self.ctx.connections.discard(self)
-            self._close()
-            self._finish()
+            if not parked:
+                self._close()
+                self._finish()
 
     def snapshot(self, now=None):
         """The open flow as /flows/active shows it, or None between flows."""
@@ -204,6 +262,11 @@ class ClientConnection:
                 "bytes_up": up, "bytes_down": down, "expected": expected, "age": age,
                 "rate": (up + down) / age,
                 "streamed": bool(response is not None and response.streamed)}
+
+    def close_parked(self):
+        if self.server is not None:
+            self.server.close()
+        self.client.close()
 
     def _finish(self):
         flow = self.flow
@@ -259,35 +322,57 @@ class ClientConnection:
 
     # --- the request loop --------------------------------------------------------------
 
-    def _serve(self):
-        first = True
+    def _serve(self, first, woken=False):
+        """The request loop; True when the connection was parked (see ``handle``)."""
         while True:
+            if not (first or woken) and not self.parser.head_started and not self.ctx.draining \
+                    and not self._next_request_soon():
+                self.ctx.park(self)
+                return True
+            woken = False
             head = self._read_request_head(first)
             if head is None:
-                return
+                return False
             if head is TLS:
                 self._tls()
-                return
+                return False
             first = False
-            self._take_policy()
-            self.flow = flow = Flow(self.client_addr, self.original_dst or ("-", 0),
-                                    self.listen.mode)
-            flow.request = Request(head, flow)
-            if self.via is not None and heads.via_loop(head, self.via):
-                raise errors.LoopDetected("the request already went through %s (Via loop)" % (
-                    self.via.decode(),))
-            dst = self._destination(head)
-            if head.method == b"CONNECT":
-                self._tunnel_connect(head, dst)
-                return
-            keep = self._exchange(head, dst)
-            self._finish()
-            if not keep:
-                return
-            self.parser.start_next()
-            self.responded = False     # errors in the next request get their answer
-            self.out_framing = None
-            self.flow = None
+            if not self._request(head):
+                return False
+
+    def _next_request_soon(self):
+        """A busy keep-alive client sends its next request at once: wait PARK_AFTER for it
+        with this greenlet before parking (parking and waking cost watchers each time)."""
+        self.idle = True
+        try:
+            return self.client.readable_within(PARK_AFTER)
+        finally:
+            self.idle = False
+
+    def _request(self, head):
+        """One request on the connection; True if the connection goes on.  (A method of
+        its own: nothing of the exchange stays in a frame while the connection waits.)"""
+        self._take_policy()
+        self.flow = flow = Flow(self.client_addr, self.original_dst or ("-", 0),
+                                self.listen.mode)
+        flow.request = Request(head, flow)
+        if self.via is not None and heads.via_loop(head, self.via):
+            raise errors.LoopDetected("the request already went through %s (Via loop)" % (
+                self.via.decode(),))
+        dst = self._destination(head)
+        if head.method == b"CONNECT":
+            self._tunnel_connect(head, dst)
+            return False
+        keep = self._exchange(head, dst)
+        self._finish()
+        if not keep:
+            return False
+        self.upload = self.download = self.facts = self.early = None
+        self.parser.start_next()
+        self.responded = False     # errors in the next request get their answer
+        self.out_framing = None
+        self.flow = None
+        return True
 
     def _read_request_head(self, first):
         """The next request head, or None when the client closed (or idled out) cleanly.
@@ -320,8 +405,8 @@ class ClientConnection:
             return None
         self.idle = True
         try:
-            if deadline is None:
-                return self.client.recv(wait_first=True)
+            if deadline is None:         # a next request: the socket is readable already
+                return self.client.recv()
             return self.client.recv(seconds=max(deadline - time.monotonic(), 0.001),
                                     wait_first=True)
         except (relay.IdleTimeout, relay.PeerGone):

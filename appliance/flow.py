@@ -17,9 +17,19 @@ import logging
 import os
 import time
 
+from .http1.parser import is_token
+
 log = logging.getLogger("sluice")
 _ids = itertools.count(1)
 _PREFIX = os.urandom(4).hex()
+
+
+def new_process():
+    """After a fork: a prefix of this process's own, so flow ids stay unique (and tell which
+    worker served a flow)."""
+    global _PREFIX, _ids
+    _PREFIX = os.urandom(4).hex()
+    _ids = itertools.count(1)
 
 
 def _text(value):
@@ -27,9 +37,13 @@ def _text(value):
 
 
 def _wire(value):
+    """str (Latin-1) or a bytes-like value -> bytes; anything else is a TypeError (bytes(5)
+    would be five NUL bytes)."""
     if isinstance(value, str):
         return value.encode("latin-1")
-    return bytes(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError("expected str or bytes, got %s" % type(value).__name__)
 
 
 class HeaderView:
@@ -116,6 +130,7 @@ class Message:
         self.stream = False          # True or a callable: stream this body (scripts set it)
         self.stream_legacy = False   # the callable came from a (context, flow) script
         self.streamed = False        # the body was streamed (so not recorded)
+        self.relayed = None          # how a streamed body moved: "spliced" or "copied"
         self.body_size = 0           # body bytes received, streamed or not
         self.trailers = None
         self._content = b""
@@ -181,7 +196,10 @@ class Request(Message):
 
     @method.setter
     def method(self, value):
-        self.head.method = _wire(value)
+        value = _wire(value)
+        if not is_token(value):
+            raise ValueError("a method is a token (letters, digits, !#$%%&'*+-.^_`|~): %r" % value)
+        self.head.method = value
 
     @property
     def path(self):

@@ -69,7 +69,7 @@ class Metrics:
         self.reloads = 0
         self.gauges = {}      # name -> (help, callable returning a number)
 
-    def flow_done(self, flow, relay):
+    def flow_done(self, flow):
         """Count one finished exchange (request/response)."""
         request, response = flow.request, flow.response
         if request is not None and response is not None:
@@ -80,8 +80,7 @@ class Metrics:
         for what, message, direction in (("request", request, "up"),
                                           ("response", response, "down")):
             if message is not None and message.body_size:
-                mode = ("spliced" if relay == "splice" else "copied") if message.streamed \
-                    else "buffered"
+                mode = (message.relayed or "copied") if message.streamed else "buffered"
                 self.bytes[(direction, mode)] += message.body_size
         for what, action, reason in flow.decisions:
             self.decisions[(what, action, _REASONS.get(reason[0], "other"))] += 1

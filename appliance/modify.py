@@ -16,10 +16,11 @@ must not touch sockets, framing, heads or logging.  ``body.py`` builds the input
   it sends is recomputed, so the shorter body is complete and correct).  If the input
   raised, that same exception is re-raised, even when the script swallowed it.
 - any other callable (mitmproxy 7+): called once per non-empty chunk with ``bytes`` (a legacy
-  tuple gives its content) and once more with ``b""`` at the end; it returns one item, a
-  list or an iterator of items, or None.
+  tuple gives its content) and once more with ``b""`` at the end; it returns one item, None,
+  or any iterable of items (mitmproxy's ``bytes | Iterable[bytes]``: a list, a tuple, a
+  generator...; a mapping is refused, not iterated).
 Items, as yielded or returned: ``bytes``/``bytearray``/``memoryview`` -> bytes; ``str`` ->
-latin-1; a 3-tuple ``(prefix, content, suffix)`` -> its content only (prefix and suffix are
+latin-1; a 3-tuple ``(prefix, content, suffix)`` yielded by a generator -> its content only (prefix and suffix are
 never sent); None or empty -> nothing.  Anything else is a ``StreamModifierError`` naming the
 type.  Any exception raised by user code (creating the generator, per chunk, at the end, or
 while closing) becomes ``StreamModifierError`` with the original as ``__cause__``; body.py
@@ -47,7 +48,7 @@ holds back bytes that rule n already released.
 import functools
 import inspect
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from .errors import SluiceError
 
@@ -166,8 +167,10 @@ def _results(func, name, arg, when):
         result = func(arg)
     except Exception as exc:
         raise _failed(name, when, exc) from exc
-    yield from _pull(iter(result if isinstance(result, (list, Iterator)) else [result]),
-                     name, when)
+    if result is None or isinstance(result, (bytes, bytearray, memoryview, str, Mapping)) \
+            or not isinstance(result, Iterable):
+        result = (result,)          # one item (a mapping or other object: refused by _item)
+    yield from _pull(iter(result), name, when)
 
 
 def _pull(items, name, when, source=None):

@@ -17,7 +17,7 @@ from .body import NO_PLAN, Plan
 from .errors import ConfigError
 from .hooks import Hooks, load_scripts, run_one
 from .modify import Replacer, chain, from_script
-from .rules import Facts, RuleSet, compile_all
+from .rules import NO_DECISION, Facts, RuleSet, compile_all
 
 log = logging.getLogger("sluice")
 
@@ -44,6 +44,8 @@ class Policy:
         """Request stage: rules decide, their header actions apply, then ``requestheaders``
         hooks run.  Returns the Decision (passthrough and respond are the caller's to act on)."""
         decision = self.rules.decide("request", facts)
+        if decision is NO_DECISION and not self.hooks.requestheaders:
+            return decision
         if decision:
             flow.rules.extend(decision.names())
             if decision.get("passthrough") or decision.get("respond") is not None:
@@ -56,6 +58,8 @@ class Policy:
     def response(self, flow, facts):
         """Response stage: rules (content_type known now), header actions, ``responseheaders``."""
         decision = self.rules.decide("response", facts)
+        if decision is NO_DECISION and not self.hooks.responseheaders:
+            return decision
         if decision:
             for name in decision.names():
                 if name not in flow.rules:

@@ -10,6 +10,7 @@ heads, no bodies) feed the access log when the flow store is off.
 import base64
 import time
 
+from .accesslog import Fields
 from .recorder import encode_body, iso_timestamp
 
 FORMAT = 1
@@ -129,6 +130,19 @@ def websocket_message_record(flow, message, limit):
 
 def _error(flow):
     return None if flow.error is None else str(flow.error)
+
+
+def access_fields(flow):
+    """The access log's fields of a plain exchange (``Fields``): a tuple, no formatting."""
+    request, response = flow.request, flow.response
+    streamed = request.streamed or (response is not None and response.streamed)
+    start = flow.timestamps["start"]
+    return Fields((start, flow.client[0], flow.client[1], flow.server[0], flow.server[1],
+                   "streamed" if streamed else "buffered", request.method, request.url,
+                   None if response is None else response.head.status, request.body_size,
+                   0 if response is None else response.body_size,
+                   flow.timestamps["end"] - start, flow.id, flow.decisions, flow.rules,
+                   None if flow.error is None else str(flow.error), request.pretty_host))
 
 
 def build(flow, limit, full):

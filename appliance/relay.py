@@ -18,7 +18,6 @@ held bytes is closed, never reused (its bytes would be delivered to the next tra
 import errno
 import fcntl
 import os
-import select
 import socket
 import struct
 import time
@@ -66,23 +65,22 @@ class PeerGone(Exception):
 class Peer:
     """One connected socket: non-blocking I/O with long-lived watchers and idle timers."""
 
+    __slots__ = ("name", "idle", "fd", "_raw", "_read_watcher", "_write_watcher",
+                 "_read_timer", "_write_timer", "eof", "alarm", "on_alarm", "patience",
+                 "_alarm", "_quiet_timer")
+
     def __init__(self, sock, name, idle):
-        self.sock = sock
         self.name = name
         self.idle = idle
-        self.fd = sock.fileno()
-        self._raw = getattr(sock, "_sock", sock)   # the real socket under gevent's wrapper
+        # Only the real socket is kept: gevent's wrapper (with watchers of its own) is
+        # dropped, and this Peer closes the socket itself.
+        self._raw = getattr(sock, "_sock", sock)
         self._raw.setblocking(False)
-        loop = get_hub().loop
-        self._read_watcher = loop.io(self.fd, 1)
-        self._write_watcher = loop.io(self.fd, 2)
-        # One timer per direction; ``again`` restarts it with the full ``idle`` each wait
-        # (a repeat of 0 never fires: idle 0 means no limit).
-        self._read_timer = loop.timer(0.0, idle)
-        self._write_timer = loop.timer(0.0, idle)
-        self._poll = select.poll()
-        self._poll.register(self.fd, select.POLLIN | select.POLLRDHUP)
+        self.fd = self._raw.fileno()
+        self._watch()
         self.eof = False
+        self._alarm = None
+        self._quiet_timer = None
         # While set, every wait also watches ``alarm`` (another Peer) for readability and
         # calls ``on_alarm()``; when that returns True the wait raises ``Interrupted``.
         self.alarm = None
@@ -90,6 +88,48 @@ class Peer:
         # While set, an idle timer that fires asks ``patience()`` first: True waits another
         # full interval (the other direction of a tunnel moved, the kernel is still sending).
         self.patience = None
+
+    def _watch(self):
+        loop = get_hub().loop
+        self._read_watcher = loop.io(self.fd, 1)
+        self._write_watcher = loop.io(self.fd, 2)
+        # One timer per direction; ``again`` restarts it with the full ``idle`` each wait
+        # (a repeat of 0 never fires: idle 0 means no limit).
+        self._read_timer = loop.timer(0.0, self.idle)
+        self._write_timer = loop.timer(0.0, self.idle)
+
+    def readable_within(self, seconds):
+        """Wait at most ``seconds`` for something to read (a timer of its own, made once):
+        False if nothing came."""
+        timer = self._quiet_timer
+        if timer is None:
+            timer = self._quiet_timer = get_hub().loop.timer(0.0, seconds)
+        timer.again(self._expire, getcurrent())
+        try:
+            get_hub().wait(self._read_watcher)
+            return True
+        except IdleTimeout:
+            return False
+        finally:
+            timer.stop()
+
+    def park(self):
+        """Drop the watchers and timers while nothing waits on this socket (an idle
+        keep-alive connection); ``unpark`` makes them again."""
+        self._release()
+        self._read_watcher = self._write_watcher = self._read_timer = self._write_timer = None
+        self._quiet_timer = None
+
+    def unpark(self):
+        if self._read_watcher is None:
+            self._watch()
+
+    def _release(self):
+        for item in (self._alarm, self._read_timer, self._write_timer, self._read_watcher,
+                     self._write_watcher, self._quiet_timer):
+            if item is not None:
+                item.close()
+        self._alarm = None
 
     def _expire(self, greenlet):
         greenlet.throw(IdleTimeout(self))
@@ -145,7 +185,7 @@ class Peer:
 
     def _alarm_watcher(self):
         """A read watcher of its own for others to watch (ours may be in use)."""
-        watcher = getattr(self, "_alarm", None)
+        watcher = self._alarm
         if watcher is None:
             watcher = self._alarm = get_hub().loop.io(self.fd, 1)
         return watcher
@@ -237,7 +277,13 @@ class Peer:
 
     def is_stale(self):
         """True if the peer has closed (or sent something unasked) while we were idle."""
-        return bool(self._poll.poll(0))     # readable: EOF or unasked bytes, either way stale
+        try:
+            self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False                    # nothing there: still a clean idle connection
+        except OSError:
+            return True                     # reset
+        return True                         # EOF (b"") or unasked bytes: either way stale
 
     def shutdown_write(self):
         try:
@@ -272,15 +318,9 @@ class Peer:
             return
 
     def close(self):
-        alarm = getattr(self, "_alarm", None)
-        if alarm is not None:
-            alarm.close()
-        self._read_timer.close()
-        self._write_timer.close()
-        self._read_watcher.close()
-        self._write_watcher.close()
+        self._release()
         try:
-            self.sock.close()
+            self._raw.close()
         except OSError:
             pass
 

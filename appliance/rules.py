@@ -29,6 +29,7 @@ import ipaddress
 import re
 
 from .config import InvalidValue, parse_size
+from .modify import Replacer
 
 MATCH_KEYS = ("host", "dest", "port", "client", "path", "method", "content_type")
 ACCEPT_KEYS = frozenset(("client", "dest", "port"))
@@ -228,6 +229,10 @@ def _replace_items(value, path, default_direction):
                 re.compile(pattern)
             except re.error as exc:
                 raise RuleError(where + ("from",), "regex does not compile: %s" % exc) from None
+            try:        # `to` is a template: group references must exist in `from`
+                Replacer([(pattern, target.encode("utf-8"), True)])
+            except ValueError as exc:
+                raise RuleError(where + ("to",), str(exc).partition(": ")[2]) from None
         for direction in _direction(item.get("direction", default_direction), where):
             out.setdefault(direction, []).append((pattern, target.encode("utf-8"), regex))
     return out
@@ -398,6 +403,9 @@ STAGE_KINDS = {
 }
 
 
+NO_DECISION = Decision()      # what an empty rule set decides (never changed)
+
+
 class RuleSet:
     """Rules in order, and the decisions they give."""
 
@@ -408,9 +416,9 @@ class RuleSet:
 
     def decide(self, stage, facts):
         """The Decision for ``stage`` (accept, tls, request, response)."""
-        decision = Decision()
         if self.empty:
-            return decision
+            return NO_DECISION
+        decision = Decision()
         if stage != "response" and self._ignored(facts):
             decision.acts["passthrough"] = (True, "ignore_hosts")
             return decision

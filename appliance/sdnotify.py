@@ -164,6 +164,11 @@ class Workers:
             self.phase = "stopping"
             self.upstream.stopping()
 
+    def born(self, worker, now=None):
+        """A worker restarted in place of one that died."""
+        self.alive.add(worker)
+        self.heard[worker] = time.monotonic() if now is None else now
+
     def gone(self, worker):
         self.alive.discard(worker)
         self.counts.pop(worker, None)

@@ -27,7 +27,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from . import __version__, sdnotify, upstream
+from . import __version__, flow, sdnotify, upstream
 from .accesslog import AccessLog
 from .admin import Admin
 from .connection import ClientConnection, Context
@@ -73,12 +73,29 @@ RESTART_ONLY = ("listen", "workers", "limits.max_connections", "record", "admin"
                 "access_log")
 
 
+class Listener(StreamServer):
+    """gevent's StreamServer, except that the connection closes its socket itself (a
+    parked keep-alive connection outlives its first greenlet), and that "full" counts every
+    open connection, parked ones included, against limits.max_connections."""
+
+    def __init__(self, sock, handle, pool, ctx, limit):
+        super().__init__(sock, handle, spawn=pool)
+        self.ctx, self.limit = ctx, limit
+
+    def do_close(self, sock, *args):
+        pass
+
+    def full(self):
+        return self.ctx.busy() >= self.limit or super().full()
+
+
 class Proxy:
     """All listeners of one process, sharing a pool and a context."""
 
-    def __init__(self, policy, loader=None, worker=0):
+    def __init__(self, policy, loader=None, worker=0, workers=1):
         self.cfg = cfg = policy.cfg
         self.worker = worker         # worker N serves the admin endpoint on admin.port + N
+        self.workers = workers
         self.loader = loader         # () -> a new Policy, re-reading every file (SIGHUP)
         self.metrics = Metrics()
         self.recorder = None
@@ -88,15 +105,16 @@ class Proxy:
         self.accesslog = AccessLog(cfg.access_log) if cfg.access_log != "off" else None
         self.ctx = Context(policy, upstream.local_addresses(), {l.port for l in cfg.listen},
                            self.metrics, self.recorder, self.accesslog)
-        self.pool = Pool(connection_budget(cfg.limits.max_connections))
+        self.limit = connection_budget(cfg.limits.max_connections)
+        self.pool = Pool(self.limit)
         self.servers = []
-        self.served = 0     # connections handled to the end, for STATUS=
         self.admin = None
         self._gauges()
 
     def _gauges(self):
         gauges = self.metrics.gauges
-        gauges["current_connections"] = ("client connections open", lambda: len(self.pool))
+        gauges["current_connections"] = ("client connections open (idle keep-alive ones "
+                                          "included)", lambda: self.ctx.busy())
         if self.recorder is not None:
             rec = self.recorder
             gauges["recorder_written_total"] = ("flow records written", lambda: rec.written)
@@ -114,13 +132,21 @@ class Proxy:
         if self.accesslog is not None:
             self.accesslog.start()
         for listen in self.cfg.listen:
-            server = StreamServer(make_listener(listen), self._handler(listen), spawn=self.pool)
+            server = Listener(make_listener(listen), self._handler(listen), self.pool, self.ctx,
+                              self.limit)
             server.start()
             self.servers.append(server)
             log.info("listening on %s:%d (%s)", listen.host, listen.port, listen.mode)
         admin = self.cfg.admin
         if admin.port is not None:
             self.admin = Admin(self, admin.host, admin.port + self.worker).start()
+        self.sweeper = gevent.spawn(self._sweep)
+
+    def _sweep(self):
+        """Parked keep-alive connections idle past timeouts.idle are closed (once a second)."""
+        while True:
+            gevent.sleep(1.0)
+            self.ctx.sweep()
 
     def _handler(self, listen):
         ctx = self.ctx
@@ -129,9 +155,11 @@ class Proxy:
         def handle(sock, address):
             metrics.connections_total += 1
             try:
-                ClientConnection(sock, address, listen, ctx).handle()
-            finally:
-                self.served += 1
+                conn = ClientConnection(sock, address, listen, ctx)
+            except Exception:       # e.g. no original destination: nothing else owns the socket
+                sock.close()
+                raise
+            conn.handle()
         return handle
 
     def close_sinks(self):
@@ -142,8 +170,9 @@ class Proxy:
             self.recorder.close(timeout=5.0)
 
     def counts(self):
-        """(active connections, connections served so far)."""
-        return len(self.pool), self.served
+        """(open connections, parked included; connections served to the end so far)."""
+        busy = self.ctx.busy()
+        return busy, self.metrics.connections_total - busy
 
     def reload(self):
         """SIGHUP, between RELOADING=1 and READY=1: re-read config, rules and scripts into a
@@ -178,14 +207,19 @@ class Proxy:
         for server in self.servers:
             server.close()
         self.ctx.draining = True
+        self.ctx.sweep(everything=True)          # parked: idle, closed at once
         for conn in list(self.ctx.connections):
             if conn.idle:
                 conn.greenlet.kill(block=False)
         drain = self.ctx.cfg.timeouts.drain
-        if not self.pool.join(timeout=drain):
+        deadline = time.monotonic() + drain
+        while self.ctx.connections and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        if self.ctx.connections:
             log.warning("drain: %d connections still open after %gs, closing them",
-                        len(self.pool), drain)
-            self.pool.kill(timeout=1)
+                        len(self.ctx.connections), drain)
+            gevent.killall([c.greenlet for c in list(self.ctx.connections)], timeout=1)
+        self.sweeper.kill()
         if self.admin is not None:       # /healthz said 503 while the drain lasted
             self.admin.stop()
 
@@ -237,39 +271,58 @@ def run(policy, loader=None):
     ``loader`` re-reads the configuration on SIGHUP."""
     cfg = policy.cfg
     setup_logging(cfg.log_level)
-    return serve(policy, loader) if cfg.workers == 1 else _supervise(policy, loader)
+    return serve(policy, loader) if worker_count(cfg) == 1 else _supervise(policy, loader)
+
+
+RESTART_WINDOW = 10.0      # a worker that dies this soon after its start counts as a crash loop
+RESTART_LIMIT = 5          # ... and so many of those in a row stop the whole proxy
 
 
 def _supervise(policy, loader):
+    """Fork ``workers`` workers (before any gevent loop exists here), forward
+    SIGTERM/SIGINT/SIGHUP to them, speak to systemd for them all (``sdnotify.Workers``),
+    restart a worker that dies (logged; a crash loop stops everything), and wait.  Exit 0
+    only if every worker stopped cleanly when asked."""
     cfg = policy.cfg
-    """Fork ``cfg.workers`` workers (before any gevent loop exists here), forward
-    SIGTERM/SIGINT/SIGHUP to them, speak to systemd for them all (``sdnotify.Workers``), and
-    wait.  Exit 0 only if every worker did."""
-    board = sdnotify.Workers(cfg.workers, sdnotify.Notifier.from_environ(),
+    count = worker_count(cfg)
+    board = sdnotify.Workers(count, sdnotify.Notifier.from_environ(),
                              sdnotify.watchdog_interval())
     channel, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    children = {}
-    for worker in range(cfg.workers):
+
+    def fork(worker):
         pid = os.fork()
         if pid == 0:
             channel.close()
             _die_with_parent()
+            flow.new_process()
             setup_logging(cfg.log_level, worker)
             code = 1
             try:
                 code = serve(policy, loader, sdnotify.WorkerChannel(
-                    worker_end, worker, sdnotify.report_interval(board.watchdog)))
+                    worker_end, worker, sdnotify.report_interval(board.watchdog)),
+                    worker=worker, workers=count)
             finally:
                 logging.shutdown()
                 os._exit(code)
-        children[pid] = worker
-    worker_end.close()
-    log.info("%d workers: %s", cfg.workers, " ".join(str(p) for p in children))
-    return _wait_workers(children, channel, board)
+        return pid
+    children = {fork(worker): (worker, time.monotonic()) for worker in range(count)}
+    log.info("%d workers: %s", count, " ".join(str(p) for p in children))
+    try:
+        return _wait_workers(children, channel, board, fork)
+    finally:
+        worker_end.close()
 
 
-def _wait_workers(children, channel, board):
-    """The supervisor's loop: signals, worker notices, exits, STATUS= and WATCHDOG=1."""
+def worker_count(cfg):
+    """``workers: N``, or ``auto``: one per CPU this process may run on."""
+    if cfg.workers == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return cfg.workers
+
+
+def _wait_workers(children, channel, board, fork):
+    """The supervisor's loop: signals, worker notices, exits (restarts), STATUS= and
+    WATCHDOG=1.  ``children``: pid -> (worker index, started)."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -284,6 +337,7 @@ def _wait_workers(children, channel, board):
             except ProcessLookupError:
                 pass
     failed = 0
+    crashes = 0
     while children:
         readable, _, _ = select.select([channel, wake_r], [], [], board.tick())
         if wake_r in readable:
@@ -294,13 +348,26 @@ def _wait_workers(children, channel, board):
             forward(signum)
         _read_notices(channel, board)
         for pid, code in _reap():
-            worker = children.pop(pid, None)
+            worker, started = children.pop(pid, (None, 0.0))
             board.gone(worker)
-            if code != 0:
+            if board.phase == "stopping":
+                if code != 0:
+                    failed += 1
+                    log.error("worker %s (pid %d) exited with %d", worker, pid, code)
+                continue
+            crashes = crashes + 1 if time.monotonic() - started < RESTART_WINDOW else 1
+            if crashes >= RESTART_LIMIT:
                 failed += 1
-                log.error("worker %s (pid %d) exited with %d", worker, pid, code)
+                log.error("worker %s (pid %d) exited with %d, %d times within %gs of its "
+                          "start: stopping", worker, pid, code, crashes, RESTART_WINDOW)
                 board.stop()
-                forward(signal.SIGTERM)      # one worker down: stop the rest, fail
+                forward(signal.SIGTERM)
+                continue
+            new = fork(worker)
+            children[new] = (worker, time.monotonic())
+            board.born(worker)
+            log.error("worker %s (pid %d) exited with %d: restarted as pid %d", worker, pid,
+                      code, new)
     signal.set_wakeup_fd(-1)
     for fd in (wake_r, wake_w):
         os.close(fd)
@@ -337,7 +404,7 @@ def _die_with_parent():
         log.warning("cannot set PR_SET_PDEATHSIG: a worker may outlive a killed supervisor")
 
 
-def serve(policy, loader=None, channel=None):
+def serve(policy, loader=None, channel=None, worker=0, workers=1):
     """One process's proxy: listen, serve until SIGTERM/SIGINT, drain.  It tells systemd
     how it goes (``$NOTIFY_SOCKET``), or, as a worker, the supervisor (``channel``)."""
     cfg = policy.cfg
@@ -345,7 +412,7 @@ def serve(policy, loader=None, channel=None):
         cooperative_stdlib()
     notifier = channel or sdnotify.Notifier.from_environ()
     watchdog = None if channel else sdnotify.watchdog_interval()
-    proxy = Proxy(policy, loader, channel.worker if channel else 0)
+    proxy = Proxy(policy, loader, worker, workers)
     try:
         proxy.start()
     except OSError as exc:

@@ -86,6 +86,18 @@ def is_local_only(ip):
     return addr.is_loopback or addr.is_unspecified
 
 
+def _literal(host, port):
+    """getaddrinfo's answer for an IP literal, without a name lookup (an intercepted
+    connection's destination always is one): no thread of the resolver's pool per connect."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if addr.version == 4:
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+
+
 def connect(dst, timeout, own=None, deny_local=False):
     """A connected gevent socket to ``dst``; ``ConnectFailed`` (502) or ``ConnectTimeout``.
     ``own`` is (addresses, ports) of this box's listeners: a name that resolves to one of them
@@ -103,7 +115,8 @@ def connect(dst, timeout, own=None, deny_local=False):
     try:
         with gevent.Timeout(timeout, ConnectTimeout("no connection to %s:%d within %gs" % (
                 host, port, timeout))):
-            infos = gsocket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            infos = _literal(host, port) or gsocket.getaddrinfo(host, port, 0,
+                                                                socket.SOCK_STREAM)
             for info in infos:
                 if own is not None and is_loop((info[4][0], port), *own):
                     raise LoopDetected("%s:%d resolves to %s, Sluice itself (loop)" % (

@@ -23,6 +23,7 @@ _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 # then diagnosed line by line for the error message.
 _FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _TOKEN_RE = re.compile(_TOKEN)
+
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])")
 _VERSION_LIKE = re.compile(rb"[\x21-\x7e]*")
 _TARGET_CHARS = re.compile(rb"[\x21-\x7e]+")
@@ -39,6 +40,7 @@ _VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
 _CODINGS = frozenset([b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"])
 _TRAILER_FORBIDDEN = frozenset([b"content-length", b"transfer-encoding", b"host"])
 _MAX_HEX_DIGITS = 16
+_LAST = object()          # pass_chunked: the last chunk is next (next_event takes it)
 MAX_EMPTY_LINES = 4       # empty lines ignored before a request line (RFC 9112 2.2: at least one)
 
 
@@ -54,6 +56,11 @@ class State(enum.Enum):
     DONE = "done"
     CLOSED = "closed"
     ERROR = "error"
+
+
+def is_token(value):
+    """Whether bytes ``value`` is an RFC 9110 token (a method, a field name)."""
+    return _TOKEN_RE.fullmatch(value) is not None
 
 
 def valid_host(value):
@@ -174,6 +181,10 @@ class _Parser:
             raise RuntimeError("start_next() in state %s" % self._state.name)
         self._state = State.HEAD
         self._empty_lines = 0
+        self.last_head = b""
+        if self._pos == len(self._buf):     # all consumed: an idle connection holds nothing
+            self._buf = bytearray()
+            self._pos = 0
         self._reset_scan()
 
     # --- events ---------------------------------------------------------------------------
@@ -321,7 +332,38 @@ class _Parser:
             return EndOfMessage()
         return NEED_DATA
 
-    def _step_chunk_size(self):
+    def pass_chunked(self):
+        """A chunked body forwarded as it came: validate every chunk-size line and CRLF in
+        what is buffered, and return ``(wire, data, last)``: a memoryview of the exact bytes
+        validated (release it before feeding more bytes), how many body bytes are in them,
+        and whether the last chunk is next (``next_event`` turns it into the EndOfMessage,
+        trailers validated); otherwise more bytes are needed.  No copy per chunk."""
+        if self._error is not None:
+            raise self._error
+        start, data, last = self._pos, 0, False
+        try:
+            while True:
+                state = self._state
+                if state is State.CHUNK_SIZE:
+                    got = self._step_chunk_size(copy=False)
+                elif state is State.CHUNK_DATA:
+                    got = self._step_chunk_data(copy=False)
+                else:
+                    last = True
+                    break
+                if got is NEED_DATA:
+                    break
+                if got is _LAST:
+                    last = True
+                    break
+                data += got
+        except errors.ProtocolError as exc:
+            self._state = State.ERROR
+            self._error = exc
+            raise
+        return memoryview(self._buf)[start:self._pos], data, last
+
+    def _step_chunk_size(self, copy=True):
         buf = self._buf
         limit = self._pos + _MAX_HEX_DIGITS + self.max_chunk_ext + 2
         i = buf.find(b"\n", self._pos, limit)
@@ -348,8 +390,10 @@ class _Parser:
         if len(match.group(2)) > self.max_chunk_ext:
             raise errors.ChunkExtensionTooLong("chunk extension longer than %d bytes" % (
                 self.max_chunk_ext,))
-        self._pos = i + 1
         size = int(digits, 16)
+        if size == 0 and not copy:
+            return _LAST                     # pass_chunked leaves the last chunk to next_event
+        self._pos = i + 1
         if size == 0:
             self._last_chunk = line
             self._state = State.TRAILERS
@@ -358,9 +402,9 @@ class _Parser:
         self._remaining = size
         self._chunk_prefix = line
         self._state = State.CHUNK_DATA
-        return self._step_chunk_data()
+        return self._step_chunk_data(copy)
 
-    def _step_chunk_data(self):
+    def _step_chunk_data(self, copy=True):
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
@@ -373,7 +417,7 @@ class _Parser:
             prefix, self._chunk_prefix = self._chunk_prefix, b""
             self._pos = pos + avail
             self._remaining = remaining - avail
-            return Data(_copy(buf, pos, pos + avail), prefix)
+            return Data(_copy(buf, pos, pos + avail), prefix) if copy else avail
         end = pos + remaining
         if avail < remaining + 2:
             # The data is here but not the CRLF after it: wait, so the last piece of a
@@ -390,7 +434,7 @@ class _Parser:
         prefix, self._chunk_prefix = self._chunk_prefix, b""
         self._pos = end + 2
         self._state = State.CHUNK_SIZE
-        return Data(_copy(buf, pos, end), prefix, b"\r\n")
+        return Data(_copy(buf, pos, end), prefix, b"\r\n") if copy else remaining
 
     def _step_trailers(self):
         end = self._find_block_end(self.max_header_bytes, errors.TrailersTooLarge,
@@ -447,6 +491,8 @@ class _Parser:
                                                  "chunked: %s" % _short(te_values[0]))
             return Framing.CLOSE, None
         if cl_values:
+            if len(cl_values) == 1 and _DIGITS.fullmatch(cl_values[0]):
+                return Framing.LENGTH, int(cl_values[0])      # the common case, at once
             lengths = set()
             for value in cl_values:
                 for item in _csv(value):
@@ -460,10 +506,16 @@ class _Parser:
         return None, None
 
 
+_SIMPLE_CONNECTION = {b"keep-alive": frozenset([b"keep-alive"]), b"close": frozenset([b"close"]),
+                      b"Keep-Alive": frozenset([b"keep-alive"]), b"Close": frozenset([b"close"])}
+
+
 def _connection_tokens(headers):
     values = headers.index().get(b"connection")
     if not values:
         return frozenset()
+    if len(values) == 1 and values[0] in _SIMPLE_CONNECTION:
+        return _SIMPLE_CONNECTION[values[0]]        # the common case, without splitting
     tokens = set()
     for value in values:
         tokens.update(t.lower() for t in _csv(value))

@@ -97,13 +97,17 @@ def test_hop_by_hop_fields_removed_host_unchanged(proxy, lab):
     assert received.get("connection", "").lower() in ("", "keep-alive")
 
 
-def test_http10_client_never_gets_chunked(proxy, lab):
-    # Small chunked body: buffered, then sent with Content-Length.
+def test_http10_client_never_gets_chunked(proxy, lab, test_origin):
+    # Sluice asks the origin in HTTP/1.1, so the origin answers chunked; the HTTP/1.0 client
+    # gets the small body buffered, with Content-Length, never chunked framing.
     n = 50000
+    mark = test_origin.mark()
     data = raw(lab, b"GET /chunked?n=%d&chunk=1000&force=1 HTTP/1.0\r\nHost: o\r\n\r\n" % n)
+    [seen] = test_origin.requests(mark)
+    assert seen["version"] == "HTTP/1.1"        # so the origin's answer was chunked
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"transfer-encoding" not in head.lower()
-    # The origin answers an HTTP/1.0 request close-delimited; either way, exact bytes.
+    assert b"content-length: %d" % n in head.lower(), head
     assert hashlib.sha256(body).hexdigest() == body_sha256(n)
     rc, sha, size, err = lab.curl_sha256(["-0", "http://%s:%d/bytes?n=3000000" % (
         lab.origin_ip, ORIGIN_PORT)])

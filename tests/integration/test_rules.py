@@ -217,7 +217,8 @@ BANNER = b"220 lab.example ESMTP ready\r\n"
 def test_passthrough_at_accept_carries_a_server_first_protocol(lab, sluice, rawserver):
     # SMTP: the server speaks first.  Decided by port alone, before a byte is read.
     sluice(config([{"name": "smtp", "match": {"port": 2525}, "passthrough": True}]), dports=(2525,))
-    server = rawserver([raw.send(BANNER), raw.recv_until(b"QUIT\r\n"), raw.send(b"221 bye\r\n")], port=2525)
+    server = rawserver([raw.send(BANNER), raw.recv_until(b"QUIT\r\n"), raw.send(b"221 bye\r\n"), raw.close()],
+                       port=2525)
     code = ("s = socket.create_connection((ORIGIN_IP, 2525), timeout=5)\n"
             "banner = s.recv(100)\ns.sendall(b'EHLO x\\r\\nQUIT\\r\\n')\n"
             "rest = b''\nwhile (c := s.recv(100)):\n    rest += c\n"

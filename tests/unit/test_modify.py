@@ -368,7 +368,9 @@ class Recorder:
     pytest.param(lambda c: (x for x in (c, b"")), [b"ab", b"c"], id="generator"),
     pytest.param(lambda c: None, [], id="none"),
     pytest.param(lambda c: c.decode() if c else "t\xe9", [b"ab", b"c", b"t\xe9"], id="str"),
-    pytest.param(lambda c: (b"1\r\n", c, b"\r\n"), [b"ab", b"c"], id="tuple"),
+    # a tuple is an iterable of chunks (mitmproxy's Iterable[bytes]), not a legacy triple
+    pytest.param(lambda c: (b"<", c, b">"), [b"<", b"ab", b">", b"<", b"c", b">", b"<", b">"],
+                 id="tuple"),
 ])
 def test_per_chunk(answer, expected):
     stream = Recorder(answer)

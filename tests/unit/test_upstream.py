@@ -30,6 +30,11 @@ def test_loop_guard(dst, loop):
     assert upstream.is_loop(dst, OWN, {8080}) is loop
 
 
-def test_local_addresses_include_loopback():
-    found = upstream.local_addresses()
-    assert {"127.0.0.1", "::1", "0.0.0.0", "::"} <= found
+def test_local_addresses_are_every_interface_address():
+    # What the kernel says this box's addresses are (ip -j addr) must all be found.
+    import json
+    import subprocess
+    listed = json.loads(subprocess.run(["ip", "-j", "addr"], capture_output=True, check=True,
+                                       text=True).stdout)
+    kernel = {upstream.normalize_ip(a["local"]) for link in listed for a in link.get("addr_info", [])}
+    assert kernel and kernel <= upstream.local_addresses(), kernel - upstream.local_addresses()
