@@ -2,16 +2,22 @@
 ratios against direct and HAProxy, the targets of issue 11 with PASS/MISS, as text and as
 Markdown (bench/results.md).
 
+    python -m tests.bench.report RUN.json [--results FILE]     render a saved run again
+
 Input is the run's data: {"environment": {...}, "results": {test: {peer: [one dict per
 repetition]}}}; a repetition's dict holds its metrics and, if it failed a check, "fail" (the
 reason) and, if other labs ran meanwhile, "contended".  This module computes and formats
-only: no processes, no files but the ones the caller names.
+only: no processes, no files but the ones it is given.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
 import statistics
+import sys
+from pathlib import Path
 
 PEER_TITLES = {
     "direct": "direct", "sluice": "Sluice", "sluice-2w": "Sluice 2w", "sluice-copy": "Sluice copy",
@@ -171,6 +177,11 @@ def _fmt_value(t: dict) -> str:
     return ("%.2f" % t["value"]) + t["unit"]
 
 
+def _fmt_by(t: dict) -> str:
+    """How far from the goal: measured / goal (a ">=" goal is met from 1.00 up, a "<=" one up to 1.00)."""
+    return "-" if t["by"] is None else "%.2f× the goal" % t["by"]
+
+
 def text(data: dict) -> str:
     results, env = data["results"], data["environment"]
     names = peers_in(results)
@@ -191,9 +202,9 @@ def text(data: dict) -> str:
             row.append("·" if a is None or n not in results[test] else
                        "%s/%s" % ("%.2f" % (a / d) if d else "-", "%.2f" % (a / h) if h else "-"))
         lines.append("%-*s" % (w0, "  " + test) + "".join("%*s" % (w, c) for c in row))
-    lines += ["", "%-46s %10s  %-8s %s" % ("target (issue 11)", "measured", "wanted", "")]
+    lines += ["", "%-46s %10s  %-8s %-5s %s" % ("target (issue 11)", "measured", "wanted", "", "measured/goal")]
     for t in targets(results, env):
-        lines.append("%-46s %10s  %-8s %s" % (t["name"], _fmt_value(t), t["wanted"], t["status"]))
+        lines.append("%-46s %10s  %-8s %-5s %s" % (t["name"], _fmt_value(t), t["wanted"], t["status"], _fmt_by(t)))
     lines += notes(data)
     return "\n".join(lines)
 
@@ -206,12 +217,15 @@ def notes(data: dict) -> list[str]:
             for i, rep in enumerate(reps):
                 if "fail" in rep:
                     out.append("FAILED %s, %s, repetition %d: %s" % (test, peer, i + 1, rep["fail"][:600]))
-    contended = sorted({"%s/%s" % (t, p) for t, ps in results.items() for p, reps in ps.items()
-                        for rep in reps if rep.get("contended")})
-    if contended:
-        out.append("other labs (network namespaces not ours) existed during %d measurements (%s%s): "
-                   "they share the CPUs, numbers are skewed" % (len(contended), ", ".join(contended[:8]),
-                                                                 ", ..." if len(contended) > 8 else ""))
+    reps = [(t, p) for t, ps in results.items() for p, rs in ps.items() for rep in rs]
+    hit = [(t, p) for t, ps in results.items() for p, rs in ps.items() for rep in rs if rep.get("contended")]
+    if hit:
+        labs = sorted({name for ps in results.values() for rs in ps.values() for rep in rs
+                       for name in rep.get("contended", ())})
+        out.append("other labs (network namespaces not ours: %s) existed during %d of %d measurements "
+                   "(%s): they share the CPUs, those numbers are skewed" % (
+                       ", ".join(labs[:9]) + (", ..." if len(labs) > 9 else ""), len(hit), len(reps),
+                       ", ".join(sorted({t for t, _ in hit}))))
     return [""] + out if out else []
 
 
@@ -251,6 +265,33 @@ def readme_table(data: dict) -> str:
     return "\n".join(out)
 
 
+SETUP_NOTES = (
+    "Every peer runs in the gateway namespace and gets the client's connections from the gateway's nat "
+    "REDIRECT rules (ports 80 and 8000); `direct` removes the rules.  Clients (tests/bench/client.py, "
+    "wrk -t2 -c50 --latency) run in the client namespace; nginx (1 worker) and the Python test origin "
+    "in the origin namespace, all on the same 2 cores.",
+    "HAProxy 2.6: mode http, nbthread 1, `server origin 0.0.0.0` (each connection goes to its original "
+    "destination, read with SO_ORIGINAL_DST on an IPv4 bind), http-reuse safe, splice-auto off, maxconn "
+    "derived by HAProxy from RLIMIT_NOFILE, `option httplog` logged to stdout (Debian logs to /dev/log).",
+    "Squid 5: Debian's ACLs plus the lab's 198.18.0.0/15, `http_port 8100 intercept`, `cache deny all`, "
+    "default debug level, access_log through its log daemon; `squid -N` (no SMP kids; its log daemon "
+    "and pinger are counted with it).",
+    "mitmproxy 11: `mitmdump --mode transparent --set stream_large_bodies=1m --set "
+    "connection_strategy=lazy`, default verbosity (one line per flow on stdout).",
+    "Downloads and uploads: one connection each, timed from connect to the last byte; bodies land in a "
+    "buffer touched before the clock starts and are hashed after it stops (uploads: the origin's "
+    "/sha256 reports the hash).  CPU = utime+stime of every process of the peer.",
+    "idle: the client opens the connections (200 connecting at once), one GET each, holds them; RSS "
+    "per connection = (VmRSS with them open - VmRSS before) / connections held; then a GET on a new "
+    "connection and on the oldest held one.  The peer is restarted and warmed up (20 requests) before "
+    "`idle` and `bulk`.  RLIMIT_NOFILE here is {nofile} (raising it needs CAP_SYS_RESOURCE): a proxy "
+    "with a client and an origin socket per connection holds at most about {nofile}/2.",
+    "bulk: 100 GETs at once of an 8 MiB file; peak RSS = VmHWM (reset through clear_refs) summed over "
+    "the peer's processes.  Only `Sluice buffer` (stream_large_bodies: 16m; its access log must say "
+    "`buffered`) holds whole bodies; the others stream them (mitmproxy too: 8 MiB > its 1m).",
+)
+
+
 def markdown(data: dict) -> str:
     results, env = data["results"], data["environment"]
     names = peers_in(results)
@@ -277,11 +318,30 @@ def markdown(data: dict) -> str:
             row.append("·" if a is None or n not in results[test] else
                        "%s / %s" % ("%.2f" % (a / d) if d else "-", "%.2f" % (a / h) if h else "-"))
         out.append("| %s | %s |" % (test, " | ".join(row)))
-    out += ["", "Targets (issue 11; medians, one worker):", "", "| target | measured | wanted | |", "|---|---:|---|---|"]
+    out += ["", "Targets (issue 11; medians, one worker):", "",
+            "| target | measured | wanted | | measured / goal |", "|---|---:|---|---|---:|"]
     for t in targets(results, env):
-        out.append("| %s | %s | %s | %s |" % (t["name"], _fmt_value(t), t["wanted"], t["status"]))
+        out.append("| %s | %s | %s | %s | %s |" % (t["name"], _fmt_value(t), t["wanted"], t["status"], _fmt_by(t)))
+    out += ["", "How the peers and tests are set up:", ""] + ["- " + note.format(**env) for note in SETUP_NOTES]
     out += ["", "Sluice's configuration: etc/sluice.yaml as shipped, except: %s." % env["sluice_changes"]]
     out += ["", "The README's table (medians; Sluice's buffered row is its `stream_large_bodies: 16m` peer):", "",
             readme_table(data)]
     out += [line if not line else "- " + line for line in notes(data)]
     return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    """Render a run's JSON (`make bench BENCH_JSON=FILE`) again: text on stdout, Markdown to --results."""
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.report", description=main.__doc__)
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--results", type=Path, help="write the Markdown here")
+    args = parser.parse_args(argv)
+    data = json.loads(args.json.read_text())
+    print(text(data))
+    if args.results:
+        args.results.write_text(markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
