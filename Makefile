@@ -63,7 +63,7 @@ bench-deps:
 	@$(MAKE) --no-print-directory deps DEBS="$(BENCH_DEBS)"
 
 # `make bench`: the parser bench (a missed target there does not stop the rest), then the proxy
-# bench, full size (1 GiB bodies, 3 repetitions; about 20 minutes on 2 cores), written to
+# bench, full size (1 GiB bodies, 3 repetitions; about 25 minutes on 2 cores), written to
 # bench/results.md (BENCH_ARGS="--wait-quiet 300" waits for other labs to end first).
 # `make bench-quick`: the same code, small sizes, one repetition (~2 min).
 bench: deps bench-deps venv $(MITMDUMP)
