@@ -3,8 +3,9 @@
 Owns: the access log formats and their writer greenlet, and ``summary(record)``, the few
 fields of a flow record that a person reads first (also used by ``sluice flows``).  Must
 not touch: sockets, the flow store, logging setup.  ``add`` costs the relay only a list
-append; the line is formatted later, by the writer, which writes everything pending with one
-``write`` at most every ``FLUSH_EVERY`` seconds and at ``close``.
+append; the line is formatted later, by the writer, which writes everything pending at most
+every ``FLUSH_EVERY`` seconds and at ``close``, in writes of whole lines of at most
+``PIPE_BUF`` bytes (atomic on a pipe shared by several workers).
 
 Text format (``access_log: text``), space-separated, ``-`` for a missing value::
 
@@ -13,8 +14,8 @@ Text format (``access_log: text``), space-separated, ``-`` for a missing value::
     2025-11-30T12:47:21.000000Z 10.0.0.2:40000 93.184.216.34:80 buffered GET
     http://example.org/ 200 0 29 0.050 f00d-1 "response: buffer (Content-Length 29 <= 1048576)" ""
 
-(one line).  TIME is the flow's start (ISO 8601, UTC); CLIENT and DEST are ``ip:port``
-(``[ip6]:port``), DEST the original destination; MODE is buffered, streamed, websocket,
+(one line; a URL is cut at ``URL_MAX`` characters).  TIME is the flow's start (ISO 8601,
+UTC); CLIENT and DEST are ``ip:port`` (``[ip6]:port``), DEST the original destination; MODE is buffered, streamed, websocket,
 tunnel or passthrough; URL is the absolute URL (CONNECT: ``host:port``; passthrough: the SNI
 or the destination); BYTES_IN are body bytes from the client, BYTES_OUT body bytes from the
 server (tunnels, passthrough and WebSockets: all bytes); DURATION is in seconds; DECISION
@@ -28,8 +29,12 @@ JSON format (``access_log: json``): one object per line with the keys of ``summa
 ``error``.
 """
 
+import collections
 import json
+import logging
+import os
 import sys
+import threading
 import time
 
 import gevent
@@ -120,7 +125,7 @@ def format_text(record):
     s = summary(record)
     duration = s["duration"]
     fields = [s["time"] or "-", s["client"], s["dest"], s["mode"] or "-", s["method"] or "-",
-              (s["url"] or "-").translate(_URL_UNSAFE),
+              _short_url(s["url"] or "-").translate(_URL_UNSAFE),
               "-" if s["status"] is None else str(s["status"]),
               str(s["bytes_in"]), str(s["bytes_out"]),
               "-" if duration is None else "%.3f" % duration,
@@ -129,7 +134,12 @@ def format_text(record):
 
 
 def format_json(record):
-    return json.dumps(summary(record), ensure_ascii=False, separators=(",", ":")) + "\n"
+    return _json_line(summary(record))
+
+
+def _json_line(s):
+    s["url"] = _short_url(s["url"])
+    return json.dumps(s, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
 FORMATS = {"text": format_text, "json": format_json}
@@ -175,7 +185,7 @@ def _format_fields_text(f):
     s = fields_summary(f)
     duration = s["duration"]
     return " ".join([s["time"], s["client"], s["dest"], s["mode"], s["method"] or "-",
-                     (s["url"] or "-").translate(_URL_UNSAFE),
+                     _short_url(s["url"] or "-").translate(_URL_UNSAFE),
                      "-" if s["status"] is None else str(s["status"]),
                      str(s["bytes_in"]), str(s["bytes_out"]),
                      "-" if duration is None else "%.3f" % duration,
@@ -183,26 +193,132 @@ def _format_fields_text(f):
 
 
 def _format_fields_json(f):
-    return json.dumps(fields_summary(f), ensure_ascii=False, separators=(",", ":")) + "\n"
+    return _json_line(fields_summary(f))
 
 
 FIELD_FORMATS = {"text": _format_fields_text, "json": _format_fields_json}
+
+
+# Every line is at most this long, and is written whole: a write of up to PIPE_BUF bytes to
+# a pipe is atomic, so the lines of several workers sharing stderr (journald's stream, a
+# pipe) never cut into each other.
+PIPE_BUF = 4096
+URL_MAX = 2048          # characters of a URL in the log (a longer one ends with "...")
+
+
+def _short_url(url):
+    return url if url is None or len(url) <= URL_MAX else url[:URL_MAX - 3] + "..."
+
+
+def _write_lines(fd, lines):
+    """``lines`` with os.write, in writes of whole lines of at most PIPE_BUF bytes each (a
+    longer one, a log record with a traceback, goes alone)."""
+    piece, size = [], 0
+    for line in lines:
+        data = line.encode("utf-8", "replace")
+        if piece and size + len(data) > PIPE_BUF:
+            _write_all(fd, b"".join(piece))
+            piece, size = [], 0
+        piece.append(data)
+        size += len(data)
+    if piece:
+        _write_all(fd, b"".join(piece))
+
+
+class StderrWriter:
+    """Lines to a file descriptor (stderr) from a thread of its own, in the order given.
+
+    A stderr that stops draining (journald wedged, a paused pipe) then stops this thread
+    only, never the event loop; lines beyond ``MAX_QUEUED`` waiting are dropped and counted.
+    ``put`` is called from the event loop and only appends; the thread is started at the
+    first ``put`` of a process (so a forked worker has its own)."""
+
+    MAX_QUEUED = 100000
+
+    def __init__(self, fd=2):
+        self.fd = fd
+        self.dropped = 0
+        self.write_errors = 0
+        self._lines = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._pid = None
+
+    def put(self, lines):
+        with self._cond:
+            room = self.MAX_QUEUED - len(self._lines)
+            if len(lines) > room:
+                self.dropped += len(lines) - max(room, 0)
+                lines = lines[:max(room, 0)]
+            self._lines.extend(lines)
+            self._cond.notify()
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="sluice-stderr", daemon=True).start()
+
+    def drain(self, timeout):
+        """Wait up to ``timeout`` seconds for every line to be written (at exit)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._lines or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(0.05)
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._lines:
+                    self._cond.wait()
+                lines = list(self._lines)
+                self._lines.clear()
+                self._busy = True
+            try:
+                _write_lines(self.fd, lines)
+            except OSError:
+                self.write_errors += 1
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
+class QueuedHandler(logging.Handler):
+    """A logging handler that hands each formatted record to a ``StderrWriter``."""
+
+    def __init__(self, writer):
+        super().__init__()
+        self.writer = writer
+
+    def flush(self):                 # logging.shutdown() at exit: the last lines out
+        self.writer.drain(timeout=2.0)
+
+    def emit(self, record):
+        try:
+            self.writer.put([self.format(record) + "\n"])
+        except Exception:           # what logging.StreamHandler does too
+            self.handleError(record)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class AccessLog:
     """``add(record)`` per flow; a greenlet formats and writes what is pending in batches.
 
     ``mode`` is ``access_log`` (off, text, json).  WebSocket message records are not flows
-    and are ignored.  At most ``MAX_PENDING`` lines wait (more are counted in ``dropped``);
-    a failing stream is counted in ``write_errors`` and never stops the proxy.
+    and are ignored.  At most ``MAX_PENDING`` lines wait (more are counted in ``dropped``).
+    With a ``writer`` (the proxy's ``StderrWriter``) the lines go to it, else to ``stream``,
+    where a failure is counted in ``write_errors`` and never stops the proxy.
     """
 
     FLUSH_EVERY = 0.5
     MAX_PENDING = 100000
 
-    def __init__(self, mode, stream=None):
+    def __init__(self, mode, stream=None, writer=None):
         self.mode = mode
         self.stream = stream if stream is not None else sys.stderr
+        self.writer = writer        # a StderrWriter: lines go through it, not to stream
         self.dropped = 0
         self.write_errors = 0
         self._format = FORMATS.get(mode)
@@ -241,11 +357,13 @@ class AccessLog:
                     lines.append(self._format(record))
             except (AttributeError, TypeError, ValueError):   # not a flow record: skip it
                 self.dropped += 1
-        text = "".join(lines)
+        if self.writer is not None:
+            self.writer.put(lines)
+            return
         try:
-            self.stream.write(text)
+            self.stream.write("".join(lines))
             self.stream.flush()
-        except (OSError, ValueError):        # closed or broken stderr: nothing to tell
+        except (OSError, ValueError):        # closed or broken stream: nothing to tell
             self.write_errors += 1
 
     def close(self):

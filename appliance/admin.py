@@ -9,8 +9,8 @@ and ``Context.recent``), the proxy's listeners, the store's files beyond reading
 Never in the proxy's way: every answer is built from numbers in memory (microseconds), except
 /flows.har, whose file reading, JSON parsing and encoding run in gevent's threadpool, one at
 a time, over a bounded window of the store (``HAR_READ_BYTES``, ``HAR_MAX_FLOWS``).  Admin
-connections have their own pool (``MAX_CONNECTIONS``) and an idle timeout, so a stuck client
-holds an admin slot, never a proxy one.  ``/healthz`` answers 503 once the drain has begun;
+connections have their own pool (``MAX_CONNECTIONS``), an idle timeout and a deadline for
+each request head, so a stuck client holds an admin slot for a while, never a proxy one.  ``/healthz`` answers 503 once the drain has begun;
 the admin listener closes when the drain is over.
 """
 
@@ -36,18 +36,42 @@ log = logging.getLogger("sluice")
 
 MAX_CONNECTIONS = 32          # admin clients at once (browsers, scrapers, sluice top)
 IDLE_TIMEOUT = 30.0           # seconds an admin connection may stay silent
+HEAD_TIMEOUT = 5.0            # seconds to wait for a request head, from the last answer
 HAR_READ_BYTES = 32 << 20     # /flows.har reads at most the newest 32 MiB of the store
 HAR_MAX_FLOWS = 1000          # ... and keeps the newest 1000 HTTP and WebSocket flows of it
+HAR_IN_FLIGHT = 2             # HAR documents built or being sent at once (each in memory)
 RECENT = 100                  # finished flows kept for /flows/recent
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "live.html")
 
 
 class _Handler(WSGIHandler):
-    """pywsgi's handler with an idle timeout on the admin socket."""
+    """pywsgi's handler with an idle timeout on the admin socket, and a deadline for each
+    request head (a client trickling a byte a second is never idle, and would hold its slot
+    for as long as it likes)."""
+
+    _head_timer = None
 
     def handle(self):
         self.socket.settimeout(IDLE_TIMEOUT)
-        super().handle()
+        try:
+            super().handle()          # its finally closes the socket
+        except gevent.Timeout as timeout:
+            if timeout is not self._head_timer:
+                raise
+
+    def handle_one_request(self):
+        self._head_timer = gevent.Timeout(HEAD_TIMEOUT)
+        self._head_timer.start()
+        try:
+            return super().handle_one_request()
+        finally:
+            self._head_timer.cancel()
+
+    def read_request(self, raw_requestline):
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self._head_timer.cancel()         # the head is in: the answer has no deadline
 
 
 class _Response(Exception):
@@ -67,6 +91,7 @@ class Admin:
         self.started = time.time()
         self.server = None
         self._har_lock = BoundedSemaphore(1)
+        self._har_slots = BoundedSemaphore(HAR_IN_FLIGHT)
         from prometheus_client import CollectorRegistry
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector(proxy.metrics))
@@ -105,7 +130,7 @@ class Admin:
                 raise _Response("404 Not Found", "no such page: try / (the live page), "
                                 "/metrics, /healthz, /flows/active, /flows/recent, "
                                 "/flows.har\n")
-            status, ctype, body, extra = route()
+            status, ctype, body, extra = route(environ) if route == self._har else route()
         except _Response as answer:
             status, ctype, body = answer.status, "text/plain; charset=utf-8", answer.text
             extra = [("Allow", "GET, HEAD")] if answer.status.startswith("405") else []
@@ -114,6 +139,9 @@ class Admin:
         headers = [("Content-Type", ctype), ("Content-Length", str(len(body))),
                    ("Cache-Control", "no-store")] + extra
         start_response(status, headers)
+        release = environ.pop("sluice.release", None)
+        if release is not None:          # the HAR slot is given back once the body is sent
+            return _Sent([b""] if method == "HEAD" else [body], release)
         return [b""] if method == "HEAD" else [body]
 
     # --- routes: (status, content type, body, extra headers) ----------------------------
@@ -156,13 +184,22 @@ class Admin:
         flows.reverse()
         return "200 OK", "application/json", _json({"time": time.time(), "flows": flows}), []
 
-    def _har(self):
+    def _har(self, environ):
         recorder = self.proxy.recorder
         if recorder is None:
             raise _Response("404 Not Found", "flow recording is off (record.dir is null in "
                             "the configuration): there are no recorded flows to download\n")
-        with self._har_lock:
-            body = gevent.get_hub().threadpool.apply(har_bytes, (recorder.directory,))
+        # A HAR is held in memory until its client has read it: so many at once, no more.
+        if not self._har_slots.acquire(blocking=False):
+            raise _Response("503 Service Unavailable", "%d HAR downloads are under way: try "
+                            "again later, or use sluice flows --har\n" % HAR_IN_FLIGHT)
+        try:
+            with self._har_lock:
+                body = gevent.get_hub().threadpool.apply(har_bytes, (recorder.directory,))
+        except BaseException:
+            self._har_slots.release()
+            raise
+        environ["sluice.release"] = self._har_slots.release
         name = time.strftime("sluice-flows-%Y%m%dT%H%M%SZ.har", time.gmtime())
         return "200 OK", "application/json", body, [
             ("Content-Disposition", 'attachment; filename="%s"' % name)]
@@ -173,7 +210,7 @@ class Admin:
         """Every open flow (from the connections' snapshots), and the totals."""
         proxy, now = self.proxy, time.time()
         flows = []
-        for conn in list(proxy.ctx.connections):
+        for conn in list(proxy.ctx.connections) + list(proxy.ctx.parked):    # resting WebSockets
             snap = conn.snapshot(now)
             if snap is not None:
                 flows.append(snap)
@@ -200,6 +237,19 @@ class Admin:
                 "recording": recorder is not None,
                 "recorder_written": recorder.written if recorder else None,
                 "recorder_dropped": recorder.dropped if recorder else None}
+
+
+class _Sent(list):
+    """A WSGI body that calls ``release`` once the server is done with it (WSGI's close())."""
+
+    def __init__(self, items, release):
+        super().__init__(items)
+        self._release = release
+
+    def close(self):
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 def _fetch(host, port, path, timeout=1.0):

@@ -117,8 +117,10 @@ def forward(t, head_sent=False):
         t.send_head(framing, length, extra)
     framing = head.framing
     if framing is Framing.NONE:
-        send(Framing.NONE)
         expect_end(t)
+        if t.plan.on_buffered is not None:
+            return _send_empty(t, send)
+        send(Framing.NONE)
         return Framing.NONE
     reason = _stream_reason(t, head)
     if framing is Framing.LENGTH:
@@ -142,6 +144,28 @@ def forward(t, head_sent=False):
         t.too_large("%s body over body_size_limit %d" % (framing.name.lower(), t.limit))
     t.decided("stream", ("%s, more than %d bytes", framing.name.lower(), cap))
     return _stream(t, send, framing, out, held)
+
+
+def _send_empty(t, send):
+    """A message without a body whose hooks still run (mitmproxy's ``request`` and
+    ``response`` come for every exchange).  A request may be given a body by them; a
+    response without one (HEAD, 204, 304) cannot have one."""
+    message = t.message
+    message.set_buffered(b"")
+    t.plan.on_buffered(message)
+    content = message.content
+    if not content:
+        send(Framing.NONE)
+        return Framing.NONE
+    if not t.is_request:
+        if message.flow is not None:
+            message.flow.warn_once("content", "this response has no body (HEAD, 204 or 304): "
+                                              "the content set is not sent")
+        message.set_buffered(b"")
+        send(Framing.NONE)
+        return Framing.NONE
+    send(Framing.LENGTH, len(content), content)
+    return Framing.LENGTH
 
 
 def _send_buffered(t, send, held, end, framing, out):

@@ -43,6 +43,10 @@ LINGER_BYTES = 64 << 20
 INFINITY = body.INFINITY
 
 
+class _Parked(Exception):
+    """A WebSocket rests: its connection is parked (raised to ``handle``)."""
+
+
 class Context:
     """What every connection shares: the current policy (swapped whole on reload), facts
     about this box, and where finished flows go (metrics, the flow store, the access log,
@@ -69,31 +73,43 @@ class Context:
 
     # --- parked connections: idle keep-alive clients cost a socket and one watcher ------------
 
-    def park(self, conn):
+    def park(self, conn, since=None):
+        """``conn`` waits with no greenlet: for its client's next request, or (a WebSocket,
+        ``conn.ws``) for a frame from either side; idle since ``since`` (time.monotonic)."""
         conn.client.park()
         if conn.server is not None:
             conn.server.park()
-        watcher = gevent.get_hub().loop.io(conn.client.fd, 1)
-        self.parked[conn] = (time.monotonic(), watcher)
-        watcher.start(self._wake, conn)
+        loop = gevent.get_hub().loop
+        watchers = (loop.io(conn.client.fd, 1),)
+        if conn.ws is not None:
+            watchers += (loop.io(conn.server.fd, 1),)
+        self.parked[conn] = (since or time.monotonic(), watchers)
+        for watcher in watchers:
+            watcher.start(self._wake, conn)
 
-    def _wake(self, conn):
-        """The parked client sent something (or closed): serve it in a greenlet again."""
+    def _wake(self, conn, going_away=None):
+        """A parked connection's peer sent something (or closed): serve it in a greenlet."""
         entry = self.parked.pop(conn, None)
         if entry is not None:
-            entry[1].close()
-            gevent.spawn(conn.handle, True)
+            for watcher in entry[1]:
+                watcher.close()
+            gevent.spawn(conn.handle, True, going_away)
 
     def sweep(self, everything=False):
         """Close the parked connections idle for longer than timeouts.idle (all of them when
-        draining).  Insertion order is park order, so this stops at the first young one."""
+        draining; a WebSocket gets its close frames first).  Insertion order is park order,
+        so this stops at the first young one."""
         limit = time.monotonic() - self.cfg.timeouts.idle
         while self.parked:
-            conn, (since, watcher) = next(iter(self.parked.items()))
+            conn, (since, watchers) = next(iter(self.parked.items()))
             if not everything and since > limit:
                 return
+            if conn.ws is not None:
+                self._wake(conn, "proxy shutting down" if everything else "idle timeout")
+                continue
             del self.parked[conn]
-            watcher.close()
+            for watcher in watchers:
+                watcher.close()
             conn.close_parked()
 
     def busy(self):
@@ -110,6 +126,10 @@ class Context:
         elif flow.tunnel is not None:
             self.metrics.bytes[("up", kind)] += flow.tunnel.up.bytes
             self.metrics.bytes[("down", kind)] += flow.tunnel.down.bytes
+        elif flow.websocket is not None:
+            self.metrics.flow_done(flow)         # its upgrade request and the 101
+            self.metrics.bytes[("up", kind)] += flow.websocket.bytes_from_client
+            self.metrics.bytes[("down", kind)] += flow.websocket.bytes_from_server
         if flow.error is not None:
             self.metrics.error(flow.error.kind)
         full = self.recorder is not None and flow.record
@@ -144,7 +164,7 @@ class ClientConnection:
                  "limits", "parser", "original_dst", "server", "server_dst", "rparser",
                  "server_reusable", "flow", "responded", "out_framing", "early", "abort", "idle",
                  "hello", "upload", "download", "reused", "duplex", "duplex_error", "joining",
-                 "watching", "head_sent", "facts", "upload_cut", "greenlet")
+                 "watching", "head_sent", "facts", "upload_cut", "greenlet", "ws")
 
     def __init__(self, sock, address, listen, ctx):
         self.ctx = ctx
@@ -178,6 +198,7 @@ class ClientConnection:
         self.joining = False
         self.facts = None
         self.upload_cut = None        # why the request body could not be sent whole
+        self.ws = None                # the websocket.Session, while it may park
 
     def _take_policy(self):
         """The policy snapshot for what starts now (the connection, then each exchange)."""
@@ -194,10 +215,11 @@ class ClientConnection:
 
     # --- the one place that maps exceptions to answers ----------------------------------
 
-    def handle(self, resumed=False):
-        """Serve until the connection closes, or until it waits idle for its next request:
-        then it is parked (no greenlet, no watchers but one) and ``handle(resumed=True)``
-        runs again in a new greenlet when the client sends."""
+    def handle(self, resumed=False, going_away=None):
+        """Serve until the connection closes, or until it waits idle for its next request
+        (or, a WebSocket, for its next frame): then it is parked (no greenlet, no watchers
+        but one per socket) and ``handle(resumed=True)`` runs again in a new greenlet when
+        a peer sends (``going_away``: a parked WebSocket is to be closed, and why)."""
         self.greenlet = gevent.getcurrent()
         self.ctx.connections.add(self)
         parked = False
@@ -206,9 +228,17 @@ class ClientConnection:
                 self.client.unpark()
                 if self.server is not None:
                     self.server.unpark()
-                parked = self._serve(first=False, woken=True)
+                if self.ws is not None:
+                    self._run_websocket(going_away)
+                else:
+                    parked = self._serve(first=False, woken=True)
             elif not self._accept_passthrough():
                 parked = self._serve(first=True)
+        except _Parked:
+            for message in (self.flow.request, self.flow.response):
+                message.head.headers.compact()       # kept for the record, rarely read
+            self.ctx.park(self, self.ws.quiet_since())
+            parked = True
         except errors.SluiceError as exc:
             self._fail(exc.status, str(exc))
         except relay.IdleTimeout as exc:
@@ -234,6 +264,7 @@ class ClientConnection:
             self._fail(500, "internal error", logged=True, kind="internal")
         finally:
             self.ctx.connections.discard(self)
+            self.greenlet = None          # a parked connection keeps no dead greenlet
             if not parked:
                 self._close()
                 self._finish()
@@ -289,8 +320,10 @@ class ClientConnection:
             return
         head, data = heads.error_response(status, message)
         if self.flow is not None:
-            self.flow.response = Response(head, self.flow)
-            self.flow.response.body_size = len(data) - data.index(b"\r\n\r\n") - 4
+            response = self.flow.response = Response(head, self.flow)
+            text = data[data.index(b"\r\n\r\n") + 4:]
+            response.set_buffered(text)         # recorded as sent
+            response.body_size = len(text)
         try:
             self.client.sendall(data)
         except (relay.PeerGone, relay.IdleTimeout):
@@ -573,7 +606,14 @@ class ClientConnection:
             facts.content_type = _media_type(response_head)
         plan = policy.plan(flow, response, policy.response(flow, facts), "response")
         download = self._download(response, keep_client, plan)
-        out_framing = body.forward(download)
+        if flow.request.client_method == b"HEAD" and response_head.framing is not Framing.NONE:
+            # A script sent GET for the client's HEAD: the client gets the head alone, the
+            # body the origin sends is left unread (that connection is not reused).
+            download.send_head(Framing.NONE)
+            download.rest_unread = True
+            out_framing = Framing.NONE
+        else:
+            out_framing = body.forward(download)
         flow.mark("response_sent")
         policy.after_streamed(flow, response, "response")
         return out_framing, download
@@ -617,17 +657,21 @@ class ClientConnection:
         keep = head.keep_alive and head.framing is Framing.NONE and not self.ctx.draining
         if head.framing is Framing.NONE:
             self.parser.next_event()          # the (empty) body's end: the next head follows
-        fields = list(respond.headers) + [(b"Content-Length", b"%d" % len(respond.body))]
+        status = respond.status
+        fields = list(respond.headers)
+        if status not in (204, 304):        # those have no body (refused by the rule check)
+            fields.append((b"Content-Length", b"%d" % len(respond.body)))
         if not keep:
             fields.append((b"Connection", b"close"))
-        status = respond.status
         reason = heads.REASONS.get(status) or _phrase(status)
         response_head = ResponseHead(b"1.1", status, reason.encode(), Headers(fields))
         flow.response = Response(response_head, flow)
         flow.response.set_buffered(respond.body)
         flow.response.body_size = len(respond.body)
         self.out_framing = Framing.LENGTH
-        self._send_response_head(response_head, fields, respond.body)
+        # A response to HEAD has the length of the body it would have, and no body.
+        self._send_response_head(response_head, fields,
+                                 b"" if head.method == b"HEAD" else respond.body)
         flow.decide("response", "respond", ("rule %s", rule))
         return keep
 
@@ -795,10 +839,15 @@ class ClientConnection:
         self.client.sendall(data + extra if extra else data)
 
     def _response_head_sender(self, head, keep_client):
-        request_head = self.flow.request.head
-        version, head_request = request_head.version, request_head.method == b"HEAD"
+        request = self.flow.request
+        version, head_request = request.head.version, request.client_method == b"HEAD"
+        # A response without a body to a client that asked for one (a script sent HEAD for
+        # its GET): "Content-Length: 0" makes it complete (else it reads to the close).
+        empty = not head_request and head.status not in (204, 304)
 
         def send(framing, length=None, extra=b""):
+            if framing is Framing.NONE and empty:
+                framing, length = Framing.LENGTH, 0
             self.out_framing = framing
             fields = heads.response_fields(
                 head, version, self.via, keep_client=keep_client and framing is not Framing.CLOSE)
@@ -839,6 +888,8 @@ class ClientConnection:
             return False
         self.flow = Flow(self.client_addr, self.original_dst, self.listen.mode)
         self.flow.rules.extend(decision.names())
+        if decision.get("record") is False:
+            self.flow.record = False
         self.responded = True            # not HTTP: no error response, ever
         self._ensure_upstream(self.original_dst)
         self._tunnel(b"", b"", "passthrough")
@@ -858,16 +909,20 @@ class ClientConnection:
             while (hello := reader.result()) is tls.NEED_DATA:
                 reader.receive_data(self._head_bytes(deadline))
         except (tls.TLSError, errors.ClientTimeout) as exc:
-            self._log_error("not a TLS ClientHello Sluice can read: %s" % exc)
+            flow.kind = "passthrough"         # TLS, never parsed as HTTP
+            self._fail(None, "not a TLS ClientHello Sluice can read: %s" % exc, kind="bad_tls")
             return
         flow.sni = hello.sni
         decision = self.policy.rules.decide("tls", Facts(
             self.client_addr[0], dst[0], dst[1], host=hello.sni))
         flow.rules.extend(decision.names())
+        if decision.get("record") is False:
+            flow.record = False
         if decision.get("respond") is not None:
             flow.decide("request", "block", ("rule %s", decision.rule("respond")))
             flow.kind = "passthrough"
             flow.fail("blocked by rule %s" % decision.rule("respond"), "blocked")
+            self.policy.error(flow)
             return
         self._ensure_upstream(dst)
         self._tunnel(reader.raw, b"", "passthrough")
@@ -935,12 +990,21 @@ class ClientConnection:
             stream=cfg.stream_websockets, max_message=cfg.body_size_limit,
             record_max=cfg.record.max_message_bytes, idle=cfg.timeouts.idle,
             deflate=deflate or None, client_buffered=self.parser.take_buffered(),
-            server_buffered=self.rparser.take_buffered())
+            server_buffered=self.rparser.take_buffered(), park_after=PARK_AFTER)
         if facts is not None:
             facts.content_type = None
         flow.kind = "websocket"
-        websocket.relay(self.client, self.server, flow, settings,
-                        self._ws_on_message(facts), self.ctx.websocket_message, log)
+        # Nothing of HTTP is needed any more: a resting WebSocket holds only its own state.
+        self.parser = self.rparser = self.upload = self.download = self.early = None
+        self.ws = websocket.Session(self.client, self.server, flow, settings,
+                                    self._ws_on_message(facts), self.ctx.websocket_message, log)
+        self._run_websocket()
+
+    def _run_websocket(self, going_away=None):
+        """Relay the WebSocket until it ends, or raise _Parked when it rests (see handle)."""
+        if self.ws.run(going_away) is websocket.PARKED:
+            raise _Parked()
+        self.ws = None
 
     def _ws_on_message(self, facts):
         """The websocket_message hooks and replace rules, or None when there are none."""

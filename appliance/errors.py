@@ -8,6 +8,11 @@ never reused after one.  ``connection.py`` is the one place that turns these int
 """
 
 
+# What a script may raise that must not leave its hook or stream callable: sys.exit() and
+# KeyboardInterrupt included (they would end the whole proxy); a greenlet kill passes.
+SCRIPT_FAULTS = (Exception, SystemExit, KeyboardInterrupt)
+
+
 class SluiceError(Exception):
     """Base of every error Sluice raises on purpose."""
 

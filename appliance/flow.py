@@ -17,7 +17,7 @@ import logging
 import os
 import time
 
-from .http1.parser import is_token
+from .http1.parser import is_target, is_token
 
 log = logging.getLogger("sluice")
 _ids = itertools.count(1)
@@ -189,6 +189,9 @@ class Request(Message):
     def __init__(self, head, flow=None, authority=None):
         super().__init__(head, flow)
         self.authority = authority     # "host[:port]" the request went to (for url)
+        # The method the client sent: a script may change ``method``, the client's response
+        # is still framed for this one (a HEAD gets no body, a GET always a complete one).
+        self.client_method = head.method
 
     @property
     def method(self):
@@ -208,8 +211,9 @@ class Request(Message):
     @path.setter
     def path(self, value):
         value = _wire(value)
-        if not value.startswith(b"/") or any(c in value for c in b" \r\n\0"):
-            raise ValueError("a path starts with / and has no space, CR, LF or NUL: %r" % value)
+        if not value.startswith(b"/") or not is_target(value):
+            raise ValueError("a path starts with / and holds visible ASCII only (no space or "
+                             "control character; %%-escape the others): %r" % value)
         self.head.target = value
 
     @property

@@ -21,7 +21,7 @@ import os
 import sys
 import traceback
 
-from .errors import ConfigError
+from .errors import SCRIPT_FAULTS, ConfigError
 
 log = logging.getLogger("sluice")
 
@@ -71,6 +71,7 @@ class Hooks:
 
     def __init__(self, modules=()):
         self.scripts = tuple(path for path, _ in modules)
+        self.modules = tuple(module for _, module in modules)
         found = {name: [] for name in HOOK_NAMES}
         for path, module in modules:
             for owner in [module] + list(getattr(module, "addons", []) or []):
@@ -94,7 +95,7 @@ def run_one(hook, flow, *args):
     before = _streams(flow)
     try:
         hook.call(flow, *args)
-    except Exception:       # the script's fault: log it, the flow goes on unmodified
+    except SCRIPT_FAULTS:       # the script's fault: log it, the flow goes on unmodified
         log.error("flow %s: script hook %s failed:\n%s", flow.id, hook.label,
                   traceback.format_exc().rstrip())
         return
@@ -139,7 +140,7 @@ def _import(path, index):
     except SyntaxError as exc:
         raise _ScriptFailed("%s:%s: %s: %s" % (path, exc.lineno, type(exc).__name__,
                                                exc.msg)) from None
-    except Exception as exc:      # anything the script raises while importing
+    except SCRIPT_FAULTS as exc:      # anything the script raises while importing
         line = _line_in(path, exc.__traceback__)
         raise _ScriptFailed("%s:%s: %s: %s" % (path, line, type(exc).__name__, exc)) from None
     return module

@@ -74,9 +74,9 @@ class Metrics:
         request, response = flow.request, flow.response
         if request is not None and response is not None:
             status = response.head.status
-            self.requests[(request.method, "%dxx" % (status // 100))] += 1
+            self.requests[(_method_label(request), "%dxx" % (status // 100))] += 1
         elif request is not None:
-            self.requests[(request.method, "none")] += 1
+            self.requests[(_method_label(request), "none")] += 1
         for what, message, direction in (("request", request, "up"),
                                           ("response", response, "down")):
             if message is not None and message.body_size:
@@ -87,6 +87,16 @@ class Metrics:
 
     def error(self, kind):
         self.errors[kind] += 1
+
+
+# Any token is a method: the others share one label, so clients cannot add series at will.
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                      "PATCH"))
+
+
+def _method_label(request):
+    method = request.method
+    return method if method in _METHODS else "other"
 
 
 def collector(metrics, prefix="sluice"):

@@ -50,7 +50,7 @@ import inspect
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from .errors import SluiceError
+from .errors import SCRIPT_FAULTS, SluiceError
 
 __all__ = ["CHUNK_SIZE", "Replacer", "StreamModifierError", "Transform", "chain", "chunks_of",
            "from_script"]
@@ -141,7 +141,7 @@ def _wrap(func, name, legacy, chunks):
     source = _Source(chunks, legacy)
     try:
         gen = func(source)
-    except Exception as exc:
+    except SCRIPT_FAULTS as exc:
         raise _failed(name, "at start", exc) from exc
     try:
         yield from _pull(gen, name, "on a chunk", source)
@@ -150,7 +150,7 @@ def _wrap(func, name, legacy, chunks):
     finally:
         try:
             gen.close()
-        except Exception as exc:
+        except SCRIPT_FAULTS as exc:
             raise _failed(name, "while closing", exc) from exc
 
 
@@ -165,7 +165,7 @@ def _per_chunk(func, name, chunks):
 def _results(func, name, arg, when):
     try:
         result = func(arg)
-    except Exception as exc:
+    except SCRIPT_FAULTS as exc:
         raise _failed(name, when, exc) from exc
     if result is None or isinstance(result, (bytes, bytearray, memoryview, str, Mapping)) \
             or not isinstance(result, Iterable):
@@ -181,7 +181,7 @@ def _pull(items, name, when, source=None):
             item = next(items)
         except StopIteration:
             return
-        except Exception as exc:
+        except SCRIPT_FAULTS as exc:
             if source is not None and source.error is not None:
                 raise source.error
             if source is not None and source.done:

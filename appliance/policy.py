@@ -17,7 +17,7 @@ from .body import NO_PLAN, Plan
 from .errors import ConfigError
 from .hooks import Hooks, load_scripts, run_one
 from .modify import Replacer, chain, from_script
-from .rules import NO_DECISION, Facts, RuleSet, compile_all
+from .rules import NO_DECISION, Facts, RuleSet, compile_all, normal_path
 
 log = logging.getLogger("sluice")
 
@@ -48,6 +48,8 @@ class Policy:
             return decision
         if decision:
             flow.rules.extend(decision.names())
+            if decision.get("record") is False:
+                flow.record = False
             if decision.get("passthrough") or decision.get("respond") is not None:
                 return decision
             _apply_headers(flow.request.head.headers, decision, "request")
@@ -204,14 +206,16 @@ def host_of(value):
     text = text.strip().lower()
     if text.startswith("["):
         return text[1:].partition("]")[0]
-    return text.rpartition(":")[0] if text.count(":") == 1 else text
+    if text.count(":") == 1:
+        text = text.rpartition(":")[0]
+    return text[:-1] if text.endswith(".") else text      # "a.example." is "a.example"
 
 
 def request_facts(client, dst, head):
     """Facts of a request head: client and destination addresses, host, path, method."""
     target = head.target.decode("latin-1")
     return Facts(client[0], dst[0], dst[1], host=host_of(head.headers.get(b"host")),
-                 path=target.partition("?")[0], method=head.method.decode("latin-1").lower())
+                 path=normal_path(target), method=head.method.decode("latin-1").lower())
 
 
 def _apply_headers(headers, decision, direction):

@@ -292,10 +292,28 @@ class _Complaints:
         self.pending.clear()
 
 
+QUEUE_BYTES = 64 << 20      # body data waiting for the disk, at most (then records are dropped)
+
+
+def _weight(record):
+    """About how many bytes a queued record holds: its base64 body data, and a little more."""
+    total = 512
+    http = record.get("http")
+    if http:
+        for part in (http.get("request"), http.get("response")):
+            if part:
+                total += len((part.get("body") or {}).get("data") or "")
+    message = record.get("message")
+    if message:
+        total += len(message.get("data") or "")
+    return total
+
+
 class Recorder:
     """Writes flow records to the store without ever blocking the caller.
 
-    ``submit`` appends to a bounded queue; a writer greenlet takes what is queued in batches
+    ``submit`` appends to a queue bounded in records (``queue_size``) and in bytes
+    (``QUEUE_BYTES``); a writer greenlet takes what is queued in batches
     and hands each batch to gevent's threadpool, which serialises it and appends it to the
     segment in progress.  The recorder owns a submitted dict: do not change it afterwards.
     """
@@ -314,6 +332,7 @@ class Recorder:
         self.dropped = 0            # records lost: queue full, disk failing, not JSON, closed
         self.write_errors = 0       # failed disk operations (each may drop many records)
         self._queue = collections.deque()
+        self._queued_bytes = 0
         self._wake = gevent.event.Event()
         self._closing = False
         self._writer = None
@@ -335,10 +354,13 @@ class Recorder:
 
     def submit(self, record):
         """Queue one record; False (and one more dropped) when the queue is full or closed."""
-        if self._closing or len(self._queue) >= self.queue_size:
+        weight = _weight(record)
+        if self._closing or len(self._queue) >= self.queue_size or (
+                self._queue and self._queued_bytes + weight > QUEUE_BYTES):
             self.dropped += 1
             self._complaints.note("recorder closed" if self._closing else "queue full")
             return False
+        self._queued_bytes += weight
         self._queue.append(record)
         self._wake.set()
         return True
@@ -356,6 +378,7 @@ class Recorder:
             self.dropped += len(self._queue)
             self._complaints.note("not written at shutdown", len(self._queue))
             self._queue.clear()
+            self._queued_bytes = 0
         self._complaints.maybe_log(force=True)
 
     def _run(self):
@@ -367,6 +390,7 @@ class Recorder:
                 batch = [self._queue.popleft()
                          for _ in range(min(self.BATCH, len(self._queue)))]
                 self._write(pool, batch)
+                self._queued_bytes -= sum(map(_weight, batch))
             self._complaints.maybe_log()
             if self._closing and not self._queue:
                 break

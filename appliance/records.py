@@ -35,13 +35,21 @@ def _fields(headers):
 def _message(message, limit, full):
     if message is None:
         return None
-    out = {"body": {"size": message.body_size, "streamed": message.streamed}}
+    size = message.body_size
+    changed = message.changed and not message.streamed
+    if changed:                 # recorded as sent: the new body, its length in the head
+        size = len(message.content)
+    out = {"body": {"size": size, "streamed": message.streamed}}
     if full:
-        out["headers"] = _fields(message.head.headers)
+        headers = _fields(message.head.headers)
+        if changed:
+            headers = [[name, str(size) if name.lower() == "content-length" else value]
+                       for name, value in headers]
+        out["headers"] = headers
         trailers = message.trailers
         out["trailers"] = _fields(trailers) if trailers is not None and len(trailers) else None
         data = None if message.streamed else message.content
-        out["body"] = encode_body(data, message.body_size or (len(data) if data else 0),
+        out["body"] = encode_body(data, size or (len(data) if data else 0),
                                   message.streamed, limit)
     return out
 

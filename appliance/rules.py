@@ -27,6 +27,7 @@ respond, record, and per direction replace, set_headers, remove_headers.
 import fnmatch
 import ipaddress
 import re
+import urllib.parse
 
 from .config import InvalidValue, parse_size
 from .modify import Replacer
@@ -74,7 +75,35 @@ class Respond:
 
 # --- matchers, one per key ---------------------------------------------------------------
 
-def _globs(value, path, lower):
+def normal_path(target):
+    """The path of an origin-form target (str) as origins resolve it, for matching: the query
+    cut, percent-escapes decoded (UTF-8), repeated slashes merged and dot segments removed
+    (RFC 3986 5.2.4), so that "/%61dmin", "//admin" and "/x/../admin" are all "/admin"."""
+    path = target.partition("?")[0]
+    if not path.startswith("/"):
+        return path                               # "*" (OPTIONS)
+    if "%" in path:
+        path = urllib.parse.unquote(path, errors="surrogateescape")
+    if "//" not in path and "/." not in path:
+        return path
+    out = []
+    segments = path.split("/")[1:]
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        elif segment == "." or (segment == "" and not last):
+            if last:
+                out.append("")
+        else:
+            out.append(segment)
+    return "/" + "/".join(out)
+
+
+def _globs(value, path, lower, prepare=str):
     items = value if isinstance(value, list) else [value]
     if not items:
         raise RuleError(path, "an empty list matches nothing")
@@ -83,7 +112,8 @@ def _globs(value, path, lower):
         if isinstance(item, bool) or not isinstance(item, (str, int)) or item == "":
             raise RuleError(path + ((i,) if isinstance(value, list) else ()),
                             "expected a glob (a non-empty string), got %r" % (item,))
-        text = str(item).lower() if lower else str(item)
+        text = prepare(str(item))
+        text = text.lower() if lower else text
         out.append(re.compile(fnmatch.translate(text), re.S))
     return lambda got: got is not None and any(p.match(got) for p in out)
 
@@ -139,7 +169,7 @@ _MATCHERS = {
     "dest": _networks,
     "client": _networks,
     "port": _ports,
-    "path": lambda v, p: _globs(v, p, lower=False),
+    "path": lambda v, p: _globs(v, p, lower=False, prepare=urllib.parse.unquote),
     "method": lambda v, p: _globs(v, p, lower=True),
     "content_type": lambda v, p: _globs(v, p, lower=True),
 }
@@ -255,10 +285,22 @@ def _respond(value, path):
     if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
         raise RuleError(path + ("status",), "expected a status 200-599, got %r" % (status,))
     headers = _set_headers(value["headers"], path + ("headers",)) if "headers" in value else ()
+    for name, _ in headers:
+        if name.lower() in _FRAMING_FIELDS:
+            raise RuleError(path + ("headers", name.decode("latin-1")),
+                            "Sluice frames this response itself: %s cannot be set"
+                            % name.decode("latin-1"))
     body = value.get("body", "")
     if not isinstance(body, str):
         raise RuleError(path + ("body",), "expected a string, got %r" % (body,))
+    if body and status in (204, 304):
+        raise RuleError(path + ("body",), "a %d response has no body" % status)
     return Respond(status, headers, body.encode("utf-8"))
+
+
+# Fields that frame a message or its connection: a respond rule's answer is framed by Sluice.
+_FRAMING_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"connection",
+                             b"keep-alive", b"upgrade", b"trailer", b"te"))
 
 
 # --- one rule --------------------------------------------------------------------------------
@@ -316,6 +358,9 @@ class Rule:
             if kind in raw:
                 actions[kind] = _bool(raw[kind], path + (kind,))
         if "respond" in raw:
+            if raw.get("passthrough"):
+                raise RuleError(path + ("respond",), "a rule either answers (respond) or "
+                                                     "passes through, not both")
             actions["respond"] = _respond(raw["respond"], path + ("respond",))
         default = raw.get("direction", "response")
         directions = _direction(default, path)
@@ -393,15 +438,18 @@ class Decision:
         return bool(self.acts)
 
 
-STAGE_KINDS = {
-    "accept": ("passthrough",),
-    "tls": ("passthrough", "respond"),
-    "request": ("passthrough", "respond", "request_stream", ("replace", "request"),
+STAGE_KINDS = {       # `record` at every stage: a flow may end before the next one
+    "accept": ("passthrough", "record"),
+    "tls": ("passthrough", "respond", "record"),
+    "request": ("passthrough", "respond", "record", "request_stream", ("replace", "request"),
                 ("set_headers", "request"), ("remove_headers", "request")),
     "response": ("response_stream", "record", ("replace", "response"),
                  ("set_headers", "response"), ("remove_headers", "response")),
 }
 
+
+# A flow is passed through or answered by Sluice, not both: the first rule to say wins.
+_EXCLUSIVE = {"passthrough": "respond", "respond": "passthrough"}
 
 NO_DECISION = Decision()      # what an empty rule set decides (never changed)
 
@@ -427,7 +475,8 @@ class RuleSet:
         for rule in self.rules:
             if not rule.decidable(rule_stage):
                 continue
-            wanted = [k for k in kinds if k in rule.actions and k not in decision.acts]
+            wanted = [k for k in kinds if k in rule.actions and k not in decision.acts
+                      and _EXCLUSIVE.get(k) not in decision.acts]
             if not wanted or not rule.matches(facts):
                 continue
             if stage == "tls" and ("path" in rule.keys or "method" in rule.keys):

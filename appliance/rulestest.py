@@ -11,7 +11,8 @@ import socket
 import sys
 from urllib.parse import urlsplit
 
-from .rules import Facts
+from .policy import host_of
+from .rules import Facts, normal_path
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -37,7 +38,8 @@ def _facts(args, rules, out):
     ctype = None
     if args.content_type:
         ctype = args.content_type.split(";", 1)[0].strip().lower()
-    return Facts(args.client, dest, port, host=url.hostname.lower(), path=url.path or "/",
+    return Facts(args.client, dest, port, host=host_of(url.hostname),
+                 path=normal_path(url.path or "/"),
                  method=args.method.lower(), content_type=ctype)
 
 

@@ -28,7 +28,7 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from . import __version__, flow, sdnotify, upstream
-from .accesslog import AccessLog
+from .accesslog import AccessLog, QueuedHandler, StderrWriter
 from .admin import Admin
 from .connection import ClientConnection, Context
 from .errors import ConfigError
@@ -42,8 +42,10 @@ BACKLOG = 1024
 PR_SET_PDEATHSIG = 1
 
 
-def setup_logging(level, worker=None):
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level, worker=None, writer=None):
+    """Log records to stderr; through ``writer`` (a ``StderrWriter``) in a process that
+    serves, so that a stderr which stops draining never stops the event loop."""
+    handler = logging.StreamHandler(sys.stderr) if writer is None else QueuedHandler(writer)
     tag = "" if worker is None else "[w%d] " % worker
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s " + tag + "%(message)s"))
     root = logging.getLogger()
@@ -102,7 +104,9 @@ class Proxy:
         if cfg.record.dir is not None:
             self.recorder = Recorder(cfg.record.dir, cfg.record.max_bytes,
                                      cfg.record.segment_size, cfg.record.queue, log=log)
-        self.accesslog = AccessLog(cfg.access_log) if cfg.access_log != "off" else None
+        self.stderr = StderrWriter()
+        self.accesslog = (AccessLog(cfg.access_log, writer=self.stderr)
+                          if cfg.access_log != "off" else None)
         self.ctx = Context(policy, upstream.local_addresses(), {l.port for l in cfg.listen},
                            self.metrics, self.recorder, self.accesslog)
         self.limit = connection_budget(cfg.limits.max_connections)
@@ -183,18 +187,24 @@ class Proxy:
             log.info("SIGHUP: no configuration to re-read")
             return False
         try:
-            policy = self.loader()
+            # Read and compiled in a thread: a big rule file never stops the traffic.
+            policy, error = gevent.get_hub().threadpool.apply(_outcome_of, (self.loader,))
+            if error is not None:
+                raise error
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload: %s", problem)
             log.error("reload failed: keeping the policy loaded before")
+            return False
+        except Exception:         # our own fault, never the end of the proxy
+            log.exception("reload failed: keeping the policy loaded before")
             return False
         old = self.ctx.cfg
         for name in RESTART_ONLY:
             if _option(old, name) != _option(policy.cfg, name):
                 log.warning("reload: %s changed; it takes effect at the next restart", name)
         if not policy.hooks.empty:
-            cooperative_stdlib()
+            cooperative_stdlib(policy.hooks)
         logging.getLogger().setLevel(policy.cfg.log_level.upper())
         self.ctx.policy = policy
         self.metrics.reloads += 1
@@ -224,7 +234,8 @@ class Proxy:
             self.admin.stop()
 
 
-FDS_PER_CONNECTION = 4     # client, origin, and a splice pipe's two ends while a body moves
+FDS_PER_CONNECTION = 5     # client, origin, a splice pipe's two ends while a body moves, and one
+                           # spare: a closed socket's descriptor is freed a loop turn later
 FDS_RESERVED = 64          # listeners, logs, the flow store, the admin endpoint...
 
 
@@ -257,13 +268,35 @@ def _option(cfg, dotted):
     return value
 
 
-def cooperative_stdlib():
+def _outcome_of(func):
+    """(result, None) or (None, the exception): a thread's failure comes back as a value
+    (gevent's threadpool would print its traceback before handing it over)."""
+    try:
+        return func(), None
+    except Exception as exc:
+        return None, exc
+
+
+def cooperative_stdlib(hooks):
     """Scripts' own network I/O and sleeps wait without stalling other connections: the
-    standard library's sockets, DNS and time.sleep become gevent's (idempotent)."""
+    standard library's sockets, DNS and time.sleep become gevent's (idempotent), and names
+    a script imported before that (``from time import sleep``) are bound again to them."""
     from gevent import monkey
     monkey.patch_socket()
     monkey.patch_dns()
     monkey.patch_time()
+    patched = {}
+    for module_name, originals in monkey.saved.items():
+        module = sys.modules.get(module_name)
+        for name, original in originals.items():
+            if module is not None and hasattr(module, name):
+                patched[id(original)] = (original, getattr(module, name))
+    for module in hooks.modules:
+        names = vars(module)
+        for name, value in list(names.items()):
+            found = patched.get(id(value))
+            if found is not None and found[0] is value:
+                names[name] = found[1]
 
 
 def run(policy, loader=None):
@@ -409,10 +442,11 @@ def serve(policy, loader=None, channel=None, worker=0, workers=1):
     how it goes (``$NOTIFY_SOCKET``), or, as a worker, the supervisor (``channel``)."""
     cfg = policy.cfg
     if not policy.hooks.empty:
-        cooperative_stdlib()
+        cooperative_stdlib(policy.hooks)
     notifier = channel or sdnotify.Notifier.from_environ()
     watchdog = None if channel else sdnotify.watchdog_interval()
     proxy = Proxy(policy, loader, worker, workers)
+    setup_logging(cfg.log_level, worker if workers > 1 else None, proxy.stderr)
     try:
         proxy.start()
     except OSError as exc:
@@ -437,6 +471,7 @@ def serve(policy, loader=None, channel=None, worker=0, workers=1):
     proxy.drain()
     proxy.close_sinks()
     log.info("stopped")
+    proxy.stderr.drain(timeout=2.0)      # the last lines, unless stderr is stuck
     return 0
 
 

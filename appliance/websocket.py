@@ -30,7 +30,6 @@ either direction for ``idle`` seconds: close 1001 to both.  A close frame is nev
 into the middle of a frame already partly sent (streaming): that side is just shut down.
 """
 
-import collections
 import os
 import time
 
@@ -50,17 +49,23 @@ class Settings:
     """What ``relay`` needs; any object with these attributes will do.
 
     ``stream``: stream_websockets.  ``max_message``: body_size_limit (None: no limit),
-    buffered mode only.  ``record_max``: record.max_message_bytes (streaming keeps this much
+    in buffered mode; streaming, only what a compressed message inflates to.  ``record_max``: record.max_message_bytes (streaming keeps this much
     of each message).  ``idle``: seconds without a frame either way.  ``deflate``: the
     ``wsframe.DeflateParams`` negotiated, or None.  ``client_buffered`` /
     ``server_buffered``: bytes the HTTP parsers read past the handshake (handled first).
+    ``park_after``: seconds without a frame either way after which ``Session.run`` returns
+    ``PARKED`` (None: never).
     """
 
+    __slots__ = ("stream", "max_message", "record_max", "idle", "deflate", "client_buffered",
+                 "server_buffered", "park_after")
+
     def __init__(self, stream=False, max_message=None, record_max=1 << 20, idle=300.0,
-                 deflate=None, client_buffered=b"", server_buffered=b""):
+                 deflate=None, client_buffered=b"", server_buffered=b"", park_after=None):
         self.stream, self.max_message, self.record_max = stream, max_message, record_max
         self.idle, self.deflate = idle, deflate
         self.client_buffered, self.server_buffered = client_buffered, server_buffered
+        self.park_after = park_after
 
 
 class WebSocketMessage:
@@ -135,8 +140,12 @@ class WebSocketData:
     messages being handled (``messages[-1]`` is the one a hook is called for); history is
     recorded through the ``record`` callback, never kept."""
 
+    __slots__ = ("messages", "stream", "deflate", "closed_by", "close_code", "close_reason",
+                 "error", "messages_from_client", "messages_from_server", "bytes_from_client",
+                 "bytes_from_server", "timestamp_start", "timestamp_end")
+
     def __init__(self, stream, deflate):
-        self.messages = collections.deque(maxlen=MESSAGES_KEPT)
+        self.messages = []               # the last MESSAGES_KEPT (a list: mitmproxy's type)
         self.stream = stream
         self.deflate = deflate
         self.closed_by = None            # "client" | "server" | "proxy" | None
@@ -177,18 +186,28 @@ class _Outcome:
 
 
 _CLEAN = _Outcome("clean")
+PARKED = _Outcome("parked")
 
 
 def relay(client, server, flow, settings, on_message=None, record=None, log=None):
     """Relay WebSocket frames between two connected ``relay.Peer``s until the connection
     ends; sets ``flow.websocket``.  ``on_message(flow, message)`` is the message hook,
     ``record(flow, message)`` is called once per completed message, ``log`` a Logger.
-    Returns None; raises only bugs (after both directions stopped)."""
-    session = _Session(client, server, flow, settings, on_message, record, log)
-    session.run()
+    Returns None; raises only bugs (after both directions stopped).  Never parks (see
+    ``Session`` for a relay that does)."""
+    Session(client, server, flow, settings, on_message, record, log).run()
 
 
-class _Session:
+class Session:
+    """One WebSocket connection.  ``run()`` relays until it ends (None), or, with
+    ``settings.park_after``, until both directions rest between messages for that long:
+    then it returns ``PARKED`` holding no greenlet, and the caller calls ``run()`` again
+    when either socket is readable (or ``run(going_away=why)`` to end it: the idle time ran
+    out while parked, or a drain).  Between runs only the parsers' small state is kept."""
+
+    __slots__ = ("flow", "settings", "on_message", "record", "log", "ws", "last_activity",
+                 "written", "warned", "outs", "directions")
+
     def __init__(self, client, server, flow, settings, on_message, record, log):
         self.flow, self.settings = flow, settings
         self.on_message, self.record, self.log = on_message, record, log
@@ -198,40 +217,72 @@ class _Session:
         self.warned = False
         self.outs = {"client": _Out(client, "client", None), "server": _Out(server, "server",
                                                                              True)}
+        self.directions = None          # made at the first run, kept while parked
 
     def side_of(self, peer):
         return "client" if peer is self.outs["client"].peer else "server"
 
-    def run(self):
-        directions = [_Direction(self, True), _Direction(self, False)]
+    def run(self, going_away=None):
+        """Relay until the end (None) or until parked (``PARKED``); see the class.
+        ``going_away``: why a parked session ends now instead: the reason of the close
+        1001 sent to both."""
+        if going_away is not None:
+            outcome = _Outcome("idle", None, "parked, %s" % going_away, going_away)
+        else:
+            outcome = self._relay()
+            if outcome is PARKED:
+                return PARKED
+        self.ws.timestamp_end = time.time()
+        if outcome.kind == "bug":
+            raise outcome.error
+        self._finish(outcome)
+        return None
+
+    def _relay(self):
+        if self.directions is None:
+            self.directions = (_Direction(self, True), _Direction(self, False))
         peers = [out.peer for out in self.outs.values()]
         for peer in peers:     # a write that waits on while the other way moves, not closed
             peer.patience = self._active
-        workers = [gevent.spawn(d.run) for d in directions]
+        workers = [gevent.spawn(d.run) for d in self.directions]
         try:
-            outcome = self._supervise(workers)
+            return self._supervise(workers)
         finally:
             gevent.killall(workers, block=True)
             for peer in peers:
                 peer.patience = None
-            self.ws.timestamp_end = time.time()
-        if outcome.kind == "bug":
-            raise outcome.error
-        self._finish(outcome)
+
+    def quiet_since(self):
+        """When the last frame went either way (time.monotonic)."""
+        return max(self.last_activity, self.written.last)
 
     def _supervise(self, workers):
         pending = list(workers)
+        park_after = self.settings.park_after
         while pending:
-            timeout = CLOSE_TIMEOUT if self.handshake_done() else None
+            timeout = CLOSE_TIMEOUT if self.handshake_done() else park_after
             ready = gevent.wait(pending, count=1, timeout=timeout)
             if not ready:
-                return _CLEAN             # close handshake done; a peer keeps TCP open
+                if self.handshake_done():
+                    return _CLEAN         # close handshake done; a peer keeps TCP open
+                if len(pending) == 2 and self._may_park(park_after):
+                    return PARKED         # the workers are killed while they wait to read
+                continue
             pending.remove(ready[0])
             outcome = ready[0].value or _Outcome("bug", error=ready[0].exception)
             if outcome.kind != "clean":
                 gevent.killall(pending, block=True)
                 return outcome
         return _CLEAN
+
+    def _may_park(self, park_after):
+        """Both directions wait for their next frame, hold nothing of a message, and no
+        frame went either way for ``park_after`` seconds (nor is one still leaving)."""
+        if time.monotonic() - self.quiet_since() < park_after:
+            return False
+        if not all(d.resting() for d in self.directions):
+            return False
+        return not any(out.peer.still_sending() for out in self.outs.values())
 
     def _active(self):
         quiet = time.monotonic() - max(self.last_activity, self.written.last)
@@ -256,8 +307,9 @@ class _Session:
         else:
             if outcome.kind == "violation":
                 code, reason = outcome.error.code, str(outcome.error)
-            else:
-                code, reason = CloseCode.GOING_AWAY, "idle timeout"
+            else:           # idle, or a parked one sent away (its reason in error)
+                code = CloseCode.GOING_AWAY
+                reason = outcome.error if isinstance(outcome.error, str) else "idle timeout"
             ws.closed_by, ws.close_code, ws.close_reason = "proxy", int(code), reason
             sent = [side for side in ("client", "server") if self._send_close(side, code, reason)]
             if self.log is not None:
@@ -288,6 +340,9 @@ class _Session:
 class _Direction:
     """Frames from one peer to the other."""
 
+    __slots__ = ("session", "from_client", "side", "src", "out", "dst", "stream", "idle", "parser",
+                 "assembler", "can_modify", "buffered", "closed", "boundary", "waiting")
+
     def __init__(self, session, from_client):
         settings = session.settings
         self.session = session
@@ -312,6 +367,12 @@ class _Direction:
                          else settings.server_buffered) or b""
         self.closed = False         # the source sent a close frame
         self.boundary = True        # the bytes parsed so far end at a frame boundary
+        self.waiting = False        # blocked reading the source, nothing else under way
+
+    def resting(self):
+        """Waiting to read, between messages, nothing received and not handled."""
+        return self.waiting and not self.closed and not self.buffered and \
+            not self.out.open and self.parser.at_rest()
 
     def run(self):
         try:
@@ -358,6 +419,7 @@ class _Direction:
         """The next bytes from the source; waits while the other direction is active."""
         seconds = None
         while True:
+            self.waiting = True
             try:
                 data = self.src.recv(RECV_SIZE, seconds=seconds)
             except IdleTimeout as exc:
@@ -370,6 +432,8 @@ class _Direction:
                 quiet = min(quiet, self.idle - 0.001)
                 seconds = self.idle - quiet
                 continue
+            finally:
+                self.waiting = False
             self.session.last_activity = time.monotonic()
             self._count(data)
             return data
@@ -484,6 +548,8 @@ class _Direction:
         message = WebSocketMessage(result.opcode, result.data, self.from_client, result.size,
                                    result.truncated, result.compressed)
         ws.messages.append(message)
+        if len(ws.messages) > MESSAGES_KEPT:
+            del ws.messages[0]
         return message
 
     def _hook(self, message):

@@ -222,6 +222,9 @@ class FrameParser:
     be set on the first frame of a data message.  ``max_frame``: a larger frame is 1009.
     """
 
+    __slots__ = ("from_client", "extensions_rsv1", "max_frame", "_buf", "_pos", "_eof", "_error",
+                 "_frame", "_left", "_offset", "_fragmented", "_closed", "_pending")
+
     def __init__(self, from_client, extensions_rsv1=False, max_frame=None):
         self.from_client = from_client
         self.extensions_rsv1 = extensions_rsv1
@@ -246,6 +249,15 @@ class FrameParser:
     def buffered(self):
         """Received bytes not handed out yet (part of a header or of a control frame)."""
         return self._buf[self._pos:]
+
+    def at_rest(self):
+        """Between frames, outside a fragmented message, every byte received handed out:
+        True, and the spent input is let go (an idle connection holds none of it)."""
+        if self._frame is not None or self._pending is not None or self._fragmented \
+                or self._pos < len(self._buf) or self._error is not None:
+            return False
+        self._buf, self._pos = b"", 0
+        return True
 
     def receive_data(self, data):
         if self._error is not None:
@@ -432,6 +444,8 @@ def _complete_utf8(data):
 class _Inflater:
     """permessage-deflate decompression for one direction, bounded per step."""
 
+    __slots__ = ("takeover", "_obj")
+
     def __init__(self, takeover):
         self.takeover = takeover      # keep the LZ77 window from one message to the next
         self._obj = None              # made per message without takeover (idle costs nothing)
@@ -482,13 +496,19 @@ class MessageAssembler:
     (decompressed, and compressed on the wire; over it: 1009), and with ``keep_raw`` (the
     default) the raw frames too, so an unchanged message can be forwarded verbatim.
     Streaming: keeps only the first ``record_max`` bytes (None: all; a text message is cut
-    at a character boundary) and counts the rest; ``max_message`` does not apply.
+    at a character boundary) and counts the rest; ``max_message`` applies only to what a
+    compressed message inflates to (no deflate bomb: inflating costs CPU, streamed or not).
     """
+
+    __slots__ = ("from_client", "max_message", "max_inflated", "stream", "record_max", "keep_raw",
+                 "_inflater", "_control", "_opcode", "_compressed", "_decoder", "_pieces", "_kept",
+                 "_size", "_wire", "_frames", "_fin")
 
     def __init__(self, from_client, max_message=None, stream=False, record_max=None,
                  deflate=None, keep_raw=None):
         self.from_client = from_client
         self.max_message = None if stream else max_message
+        self.max_inflated = max_message
         self.stream = stream
         self.record_max = record_max if stream else None
         self.keep_raw = (not stream) if keep_raw is None else keep_raw
@@ -555,16 +575,22 @@ class MessageAssembler:
         else:
             self._take(event.data)
 
+    def _limit(self):
+        return self.max_inflated if self._compressed else self.max_message
+
     def _room(self):
-        return None if self.max_message is None else self.max_message - self._size
+        limit = self._limit()
+        return None if limit is None else limit - self._size
 
     def _too_big(self):
-        raise WebSocketError("%s message larger than the limit of %d bytes" % (
-            self._opcode.name.lower(), self.max_message), CloseCode.TOO_BIG)
+        raise WebSocketError("%s message larger than the limit of %d bytes%s" % (
+            self._opcode.name.lower(), self._limit(),
+            " once inflated" if self._compressed else ""), CloseCode.TOO_BIG)
 
     def _take(self, data):
         self._size += len(data)
-        if self.max_message is not None and self._size > self.max_message:
+        limit = self._limit()
+        if limit is not None and self._size > limit:
             self._too_big()
         if self._decoder is not None:
             self._check_utf8(data, False)

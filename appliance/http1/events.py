@@ -64,6 +64,10 @@ class Headers:
             self._index = index
         return index
 
+    def compact(self):
+        """Let the index go (it is made again at the next lookup): for heads kept long."""
+        self._index = None
+
     def get(self, name, default=None):
         values = self.index().get(name.lower())
         return values[0] if values else default

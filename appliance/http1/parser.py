@@ -63,6 +63,11 @@ def is_token(value):
     return _TOKEN_RE.fullmatch(value) is not None
 
 
+def is_target(value):
+    """Whether bytes ``value`` may be a request target: visible ASCII only."""
+    return _TARGET_CHARS.fullmatch(value) is not None
+
+
 def valid_host(value):
     """True for a Host value (or an absolute-form authority) of the grammar Sluice accepts:
     a reg-name or an IP literal in brackets, then an optional port."""

@@ -49,18 +49,18 @@ def test_rule_file_that_is_not_utf8_is_a_traceback(tmp_path):
 
 
 def test_yaml_alias_bomb_in_a_rule_file_takes_seconds_and_gigabytes(tmp_path):
-    # 700 bytes of YAML aliases ("billion laughs", 9^6 leaves here).  yaml.safe_load keeps
+    # 800 bytes of YAML aliases ("billion laughs", 9^7 leaves here).  yaml.safe_load keeps
     # aliases as shared references, but read_yaml's line-tracking walk expands every alias
     # into new objects and records a line for every path: 6 s and 240 MB for depth 6, and
     # minutes and gigabytes for depth 7.  A reload runs it on the event loop: the proxy
     # stops meanwhile.  It must be refused (or bounded) at once.
-    config, _ = _config(tmp_path, {"z.yaml": laughs(6).encode()})
+    config, _ = _config(tmp_path, {"z.yaml": laughs(7).encode()})
     t0 = time.monotonic()
     try:
         done = subprocess.run([sys.executable, "-m", "appliance", "check", "-c", str(config)],
                               cwd=str(ROOT), capture_output=True, text=True, timeout=3)
     except subprocess.TimeoutExpired:
-        pytest.fail("sluice check still parsing a 700-byte rule file after 3 s")
+        pytest.fail("sluice check still parsing an 800-byte rule file after 3 s")
     assert time.monotonic() - t0 < 3 and done.returncode == 2, done.stderr[-1000:]
 
 
@@ -94,3 +94,22 @@ def test_odd_entries_in_rules_dir(tmp_path, name):
     with pytest.raises(ConfigError) as info:
         policy.load(str(config))
     assert str(rules / name) in "\n".join(info.value.problems)
+
+
+def test_rules_test_prints_a_block_that_the_proxy_does_not_apply(tmp_path):
+    # `sluice rules test` must say what Sluice would do.  With a respond rule listed before a
+    # passthrough rule that also matches, it prints both actions at the request stage
+    # ("respond 403 by block", "passthrough True by rest") while the proxy passes the
+    # request through unblocked (see test_respond_rule_listed_first_loses_to_a_later_
+    # passthrough_rule in tests/integration/test_hostile_features.py).  The output must
+    # name one outcome for the request stage, the one the proxy applies.
+    config = tmp_path / "sluice.yaml"
+    config.write_text('rules:\n'
+                      '  - {name: block, match: {host: ads.example}, respond: {status: 403, body: "no"}}\n'
+                      '  - {name: rest, match: {host: "*"}, passthrough: true}\n')
+    done = subprocess.run([sys.executable, "-m", "appliance", "rules", "test", "-c", str(config),
+                           "http://ads.example/"], cwd=str(ROOT), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    request_stage = done.stdout.partition("request:")[2].partition("(give")[0]
+    acting = [line.split()[0] for line in request_stage.splitlines() if line.strip()]
+    assert not ({"respond", "passthrough"} <= set(acting)), done.stdout

@@ -57,3 +57,15 @@ def test_per_chunk_callable_returning_odd_types_fails_cleanly():
     for bad in (lambda c: 5, lambda c: {"a": 1}, lambda c: object()):
         with pytest.raises(StreamModifierError):
             b"".join(from_script(bad)(iter([b"ab"])))
+
+
+@pytest.mark.parametrize("value", ["/a\tb", "/a\x0bb", "/a\x7fb", "/a\x1bb"], ids=["tab", "vtab", "del", "esc"])
+def test_request_path_accepts_control_characters(value):
+    # The path setter refuses space, CR, LF and NUL, but lets every other control character
+    # onto the request line ("GET /a<TAB>b HTTP/1.1"): origins that split the request line
+    # on any whitespace read another target or version.  A request-target has no CTL at
+    # all (RFC 9112 3.2, RFC 3986): refuse them like the rest.
+    flow = _flow()
+    with pytest.raises(ValueError):
+        flow.request.path = value
+    assert flow.request.path == "/"

@@ -280,3 +280,19 @@ def test_segments_are_not_world_readable(tmp_path):
     mode = (tmp_path / "store" / name).stat().st_mode
     assert mode & 0o007 == 0 and mode & 0o600 == 0o600
     assert (tmp_path / "store").stat().st_mode & 0o007 == 0
+
+
+def test_queue_is_bounded_in_bytes_too(tmp_path, monkeypatch):
+    # 10000 queued records of a MiB of body each would be 10 GiB: the queue also stops at
+    # QUEUE_BYTES of body data (here 1 MiB), whatever record.queue says.
+    monkeypatch.setattr(recorder, "QUEUE_BYTES", 1 << 20)
+    rec = Recorder(str(tmp_path), 1 << 30, queue_size=10000).start()
+    body = {"size": 300_000, "streamed": False, "data": "A" * 400_000, "truncated": False}
+    accepted = [rec.submit(dict(numbered(i, 10), http={"response": {"body": body}}))
+                for i in range(10)]                                  # no yield: writer waits
+    assert accepted == [True, True, False, False, False, False, False, False, False, False]
+    assert rec.dropped == 8
+    gevent.sleep(0.3)                        # written: the bytes are free again
+    assert rec.submit(dict(numbered(10, 10), http={"response": {"body": body}})) is True
+    rec.close()
+    assert rec.written == 3
