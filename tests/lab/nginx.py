@@ -24,11 +24,11 @@ CONF = """\
 daemon off;
 master_process on;
 worker_processes {workers};
-worker_rlimit_nofile 20000;
+worker_rlimit_nofile {nofile};
 user root;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-events {{ worker_connections 10000; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
     access_log {access_log};
     client_body_temp_path {d}/client_body;
@@ -78,9 +78,10 @@ class Nginx:
     """nginx in namespace `ns`, serving `root_dir` on `port` (IPv4 and IPv6)."""
 
     def __init__(self, ns: Namespace, root_dir: str | Path, port: int = 80, workers: int = 1,
-                 access_log: bool = True):
+                 access_log: bool = True, worker_connections: int = 10000):
         self.ns, self.root_dir, self.port = ns, Path(root_dir), port
         self.workers, self.access_log = workers, access_log
+        self.worker_connections = worker_connections
         self.dir: Path | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -89,6 +90,7 @@ class Nginx:
         conf = self.dir / "nginx.conf"
         conf.write_text(CONF.format(
             d=self.dir, port=self.port, root=self.root_dir.resolve(), workers=self.workers,
+            worker_connections=self.worker_connections, nofile=max(20000, self.worker_connections * 2),
             access_log=(self.dir / "access.log") if self.access_log else "off"))
         with open(self.dir / "stderr.log", "wb") as err:
             # -e: errors before the config is read go to our file, not /var/log/nginx.
