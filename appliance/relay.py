@@ -139,8 +139,7 @@ class Peer:
             with Timeout(seconds, IdleTimeout(self, seconds)):
                 get_hub().wait(watcher)
             return
-        if self.alarm is not None:
-            self._wait_or_alarm(watcher, timer)
+        if self.alarm is not None and self._wait_or_alarm(watcher, timer):
             return
         while True:
             timer.again(self._expire, getcurrent())
@@ -162,8 +161,11 @@ class Peer:
         return self.patience is not None and self.patience()
 
     def _wait_or_alarm(self, watcher, timer):
-        alarm = self.alarm._alarm_watcher()
-        while True:
+        """True once ``watcher`` fired; False when ``on_alarm`` switched the alarm off (then
+        the caller waits as usual: a closed socket stays readable, and watching it on would
+        call ``on_alarm`` at every loop turn and could starve ``watcher``)."""
+        while self.alarm is not None:
+            alarm = self.alarm._alarm_watcher()
             waiter = Waiter(get_hub())
             watcher.start(waiter.switch, watcher)
             alarm.start(waiter.switch, alarm)
@@ -179,9 +181,10 @@ class Peer:
                 alarm.stop()
                 timer.stop()
             if fired is watcher:
-                return
+                return True
             if self.on_alarm():
                 raise Interrupted()
+        return False
 
     def _alarm_watcher(self):
         """A read watcher of its own for others to watch (ours may be in use)."""
