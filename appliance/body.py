@@ -169,18 +169,25 @@ def _send_empty(t, send):
 
 
 def _send_buffered(t, send, held, end, framing, out):
+    """Send a buffered body.  The bytearray it was read into is the message's content as
+    long as nothing reads ``content`` (which makes it ``bytes`` then) and is sent as it is:
+    one copy of a body in memory, not three."""
     message = t.message
-    message.set_buffered(bytes(held.data))
-    held.data = None             # one copy of the body at a time
+    message.set_buffered(held.data)
+    held.data = None
     if t.plan.on_buffered is not None:
         t.plan.on_buffered(message)
-    content = message.content
+    content = message.buffered_body()
     trailers = framing is Framing.CHUNKED and len(end.trailers)
     if out is Framing.CHUNKED and (not message.changed or trailers):
         # unchanged: the chunks as received; changed but with trailers: one chunk + them
-        wire = chunk(content) if message.changed else _wire(held, framing, out, content)
-        send(Framing.CHUNKED, None, wire + (
-            end.raw if framing is Framing.CHUNKED and end.raw else b"0\r\n\r\n"))
+        tail = end.raw if framing is Framing.CHUNKED and end.raw else b"0\r\n\r\n"
+        if not message.changed and framing is Framing.CHUNKED:
+            wire = held.wire
+            wire += tail
+        else:
+            wire = chunk(bytes(content)) + tail
+        send(Framing.CHUNKED, None, wire)
         return Framing.CHUNKED
     send(Framing.LENGTH, len(content), content)
     return Framing.LENGTH
@@ -227,7 +234,7 @@ def _forward_length(t, send, reason):
     if size > t.limit:
         t.too_large("%s over body_size_limit %d" % (_describe(size), t.limit))
     t.decided("buffer", ("Content-Length %d <= %s", size, t.threshold_text))
-    held, end = _buffer(t, INFINITY)
+    held, end = _buffer_length(t, size)
     return _send_buffered(t, send, held, end, Framing.LENGTH, Framing.LENGTH)
 
 
@@ -304,6 +311,42 @@ def _buffer(t, cap):
         else:
             message.trailers = event.trailers
             return held, event
+
+
+def _buffer_length(t, size):
+    """A Content-Length body (no larger than body_size_limit: checked before) read into a
+    bytearray of exactly its size: what the parser holds, then the rest straight from the
+    socket into its place (no growth, no spare capacity, no intermediate copies).  Returns
+    (held, end)."""
+    message, parser = t.message, t.parser
+    held = _Held(False)
+    held.data = data = bytearray(size)
+    at = 0
+    while True:                                # what came with the head
+        event = parser.next_event()
+        if event is NEED_DATA:
+            break
+        if type(event) is not Data:
+            message.trailers = event.trailers
+            return held, event
+        n = len(event.data)
+        data[at:at + n] = event.data
+        at = message.body_size = at + n
+    remaining = parser.body_remaining
+    moved = 0
+    with memoryview(data) as view:
+        while moved < remaining:
+            n = t.src.recv_into(view[at:at + remaining - moved])
+            if not n:
+                break                          # the parser reports the short body below
+            moved += n
+            at = message.body_size = at + n
+    parser.skip_body(moved)
+    if moved < remaining:
+        parser.receive_data(b"")
+    event = next_event(t)
+    message.trailers = event.trailers
+    return held, event
 
 
 def _send_held(t):

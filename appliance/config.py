@@ -233,7 +233,7 @@ class Record:
         None, _optional(lambda v: _positive(parse_size(v))),
         "size of one store file, at most max_bytes; null: max_bytes/16, at most 64m")
     queue: int = _opt(10000, lambda v: _parse_int(v, 1),
-                      "flows waiting for the disk, at most 64 MiB of their bodies "
+                      "flows waiting for the disk, at most 16 MiB of their bodies "
                       "(then dropped)")
 
     @property

@@ -833,13 +833,13 @@ class ClientConnection:
         fields = heads.request_fields(head, self.via, self._forwarded(), host,
                                       proxy_credentials=self.listen.mode == "regular")
         data = heads.request_bytes(head, heads.framing_fields(fields, head, framing, length))
-        self.server.sendall(data + extra if extra else data)
+        self.server.send_head(data, extra)
 
     def _send_response_head(self, head, fields, extra=b""):
         """A final response head to the client, always as HTTP/1.1 (our own version)."""
         data = heads.response_bytes(head, fields)
         self.responded = True
-        self.client.sendall(data + extra if extra else data)
+        self.client.send_head(data, extra)
 
     def _response_head_sender(self, head, keep_client):
         request = self.flow.request

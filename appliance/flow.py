@@ -147,7 +147,12 @@ class Message:
     @property
     def content(self):
         """The buffered body, or None when it was streamed."""
-        return None if self.streamed else self._content
+        if self.streamed:
+            return None
+        content = self._content
+        if type(content) is bytearray:      # as it was read: bytes from its first reading
+            content = self._content = bytes(content)
+        return content
 
     @content.setter
     def content(self, value):
@@ -162,8 +167,14 @@ class Message:
         self._content = value
 
     def set_buffered(self, value):
-        """The body as Sluice buffered it (not a change)."""
+        """The body as Sluice buffered it (not a change): bytes, or the bytearray it was
+        read into (not copied unless ``content`` is read)."""
         self._content = value
+
+    def buffered_body(self):
+        """The buffered body as it is held (bytes or bytearray), to send or record: reading
+        it makes no copy."""
+        return self._content
 
     @property
     def raw_content(self):

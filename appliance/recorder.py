@@ -81,7 +81,7 @@ def encode_body(data, size, streamed, limit):
         size = len(data) if data else 0
     if streamed or not data:
         return {"size": size, "streamed": bool(streamed), "data": None, "truncated": False}
-    kept = data[:limit] if len(data) > limit else data
+    kept = data[:limit] if len(data) > limit else data        # bytes or a bytearray
     return {"size": size, "streamed": False,
             "data": base64.b64encode(kept).decode("ascii"),
             "truncated": len(kept) < len(data)}
@@ -292,7 +292,7 @@ class _Complaints:
         self.pending.clear()
 
 
-QUEUE_BYTES = 64 << 20      # body data waiting for the disk, at most (then records are dropped)
+QUEUE_BYTES = 16 << 20      # body data waiting for the disk, at most (then records are dropped)
 
 
 def _weight(record):
@@ -319,6 +319,7 @@ class Recorder:
     """
 
     BATCH = 1000                # most records per threadpool call
+    BATCH_BYTES = 4 << 20       # and most body data in one (serialised, it is held twice)
     WAKE_EVERY = 1.0            # the writer wakes at least this often (drop summaries)
     COMPLAIN_EVERY = 60.0       # at most one log line about drops per this many seconds
 
@@ -386,11 +387,16 @@ class Recorder:
         while True:
             self._wake.wait(self.WAKE_EVERY)
             self._wake.clear()
-            while self._queue:
-                batch = [self._queue.popleft()
-                         for _ in range(min(self.BATCH, len(self._queue)))]
+            queue = self._queue
+            while queue:
+                batch, weight = [queue.popleft()], 0
+                weight = _weight(batch[0])
+                while queue and len(batch) < self.BATCH and \
+                        weight + _weight(queue[0]) <= self.BATCH_BYTES:
+                    batch.append(queue.popleft())
+                    weight += _weight(batch[-1])
                 self._write(pool, batch)
-                self._queued_bytes -= sum(map(_weight, batch))
+                self._queued_bytes -= weight
             self._complaints.maybe_log()
             if self._closing and not self._queue:
                 break

@@ -48,7 +48,7 @@ def _message(message, limit, full):
         out["headers"] = headers
         trailers = message.trailers
         out["trailers"] = _fields(trailers) if trailers is not None and len(trailers) else None
-        data = None if message.streamed else message.content
+        data = None if message.streamed else message.buffered_body()
         out["body"] = encode_body(data, size or (len(data) if data else 0),
                                   message.streamed, limit)
     return out

@@ -35,6 +35,7 @@ PIPE_POOL = 64                    # clean pipes kept for reuse per process
 COPY_SIZE = 256 * 1024
 RECV_SIZE = 64 * 1024             # heads and buffered bodies
 STREAM_RECV_SIZE = 256 * 1024     # bodies streamed through the parser (chunked)
+JOIN_LIMIT = 64 * 1024            # a head and a body up to this size go in one write
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT,
          errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED)
 
@@ -240,6 +241,17 @@ class Peer:
             if not n:
                 self.eof = True
             return n
+
+    def send_head(self, head, body=b""):
+        """A message head and what follows it: one write when that is small, else two (a
+        big buffered body is not copied to be joined to its head)."""
+        if not body:
+            self.sendall(head)
+        elif len(body) <= JOIN_LIMIT:
+            self.sendall(head + body)
+        else:
+            self.sendall(head)
+            self.sendall(body)
 
     def sendall(self, data, meter=None):
         """Send everything; a ``meter`` counts each partial send as it happens."""
