@@ -382,22 +382,23 @@ class _Parser:
             if self._eof:
                 raise errors.IncompleteMessage("connection closed inside a chunk size line")
             return NEED_DATA
-        line = bytes(buf[self._pos:i + 1])
-        match = _CHUNK_LINE.fullmatch(line)
+        match = _CHUNK_LINE.fullmatch(buf, self._pos, i + 1)     # in place: no copy
         if match is None:
+            line = bytes(buf[self._pos:i + 1])
             if not line.endswith(b"\r\n"):
                 raise errors.BareLF("chunk size line ended by LF without CR: %s" % _short(line))
             raise errors.BadChunkSize("invalid chunk size line: %s" % _short(line))
-        digits = match.group(1)
-        if len(digits) > _MAX_HEX_DIGITS:
+        start, end = match.span(1)
+        if end - start > _MAX_HEX_DIGITS:
             raise errors.BadChunkSize("chunk size has more than %d hex digits: %s" % (
-                _MAX_HEX_DIGITS, _short(digits)))
-        if len(match.group(2)) > self.max_chunk_ext:
+                _MAX_HEX_DIGITS, _short(match.group(1))))
+        if i - 1 - end > self.max_chunk_ext:
             raise errors.ChunkExtensionTooLong("chunk extension longer than %d bytes" % (
                 self.max_chunk_ext,))
-        size = int(digits, 16)
+        size = int(match.group(1), 16)
         if size == 0 and not copy:
             return _LAST                     # pass_chunked leaves the last chunk to next_event
+        line = bytes(buf[self._pos:i + 1]) if copy else b""    # passed through: not kept
         self._pos = i + 1
         if size == 0:
             self._last_chunk = line

@@ -218,7 +218,12 @@ def test_request_body_never_appears_in_the_response(lab, proxy, log, rawserver, 
     rc, out, err = lab.python("import json\nsys.argv[1:] = ['%d']\n" % (50 * MIB) + POSTER, timeout=60)
     assert rc == 0, err
     result = json.loads(out)
-    assert result["Q"] == 0 and result["other"] == 0, result
+    assert result["Q"] == 0, result
+    if result["head"].startswith("HTTP/1.1 502"):
+        # The origin's close can reset the connection before its answer is read (a race
+        # on a loaded box): a 502 of ours is an honest outcome, not a leak.
+        return
+    assert result["other"] == 0, result
     if result["head"]:
         assert result["R"] <= 100_000, result
 
