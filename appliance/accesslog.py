@@ -39,6 +39,8 @@ import time
 
 import gevent
 
+from .recorder import iso_timestamp
+
 MODES = ("buffered", "streamed", "websocket", "tunnel", "passthrough")
 _URL_UNSAFE = {c: "%%%02X" % c for c in list(range(0x21)) + [0x22, 0x7f]}
 
@@ -147,17 +149,6 @@ FORMATS = {"text": format_text, "json": format_json}
 
 # --- the fast path: a flow's fields, captured as a tuple when it ends -----------------------
 
-_second = [None, ""]        # (epoch second, its "YYYY-MM-DDTHH:MM:SS") cache
-
-
-def _iso(epoch):
-    second = int(epoch)
-    if _second[0] != second:
-        _second[0] = second
-        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return "%s.%06dZ" % (_second[1], int((epoch - second) * 1e6))
-
-
 class Fields(tuple):
     """What the access log needs of a flow, captured when it ends (no dict, no formatting):
     (start, client ip, client port, dest ip, dest port, mode, method, url, status, bytes in,
@@ -174,7 +165,7 @@ def fields_summary(f):
              for what, action, reason in decisions]
     if rules:
         parts.append("rules: %s" % ", ".join(rules))
-    return {"time": _iso(start), "event_type": "http", "client": address(cip, cport),
+    return {"time": iso_timestamp(start), "event_type": "http", "client": address(cip, cport),
             "dest": address(dip, dport), "mode": mode, "method": method, "url": url,
             "host": host, "status": status, "bytes_in": sent, "bytes_out": received,
             "duration": duration, "flow_id": flow_id, "decision": "; ".join(parts),

@@ -34,6 +34,7 @@ import datetime
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -55,9 +56,23 @@ log = logging.getLogger("sluice.recorder")
 
 # --- record fields ------------------------------------------------------------------------
 
+_SECOND = (None, "")           # the last whole second formatted, and its text (one tuple:
+                               # threads that format too always see a matching pair)
+
+
 def iso_timestamp(epoch):
-    """1764506841.123456 -> ``2025-11-30T12:47:21.123456Z`` (ISO 8601, UTC, microseconds)."""
-    return datetime.datetime.fromtimestamp(epoch, _UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """1764506841.123456 -> ``2025-11-30T12:47:21.123456Z`` (ISO 8601, UTC, microseconds,
+    rounded as datetime rounds them).  A second's date and time are formatted once."""
+    global _SECOND
+    fraction, second = math.modf(epoch)
+    micro = round(fraction * 1_000_000)
+    second = int(second)
+    if micro >= 1_000_000:
+        second, micro = second + 1, micro - 1_000_000
+    cached = _SECOND
+    if cached[0] != second:
+        cached = _SECOND = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return "%s.%06dZ" % (cached[1], micro)
 
 
 def parse_timestamp(text):

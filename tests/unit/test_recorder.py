@@ -296,3 +296,17 @@ def test_queue_is_bounded_in_bytes_too(tmp_path, monkeypatch):
     assert rec.submit(dict(numbered(10, 10), http={"response": {"body": body}})) is True
     rec.close()
     assert rec.written == 3
+
+
+def test_iso_timestamp_matches_datetime_including_rounding():
+    # iso_timestamp formats each second once and reuses it: the result must stay exactly
+    # datetime's, microseconds rounded the same way (half-even), carries included.
+    import datetime
+    import random
+    rng = random.Random(7)
+    samples = [rng.uniform(0, 2e9) for _ in range(20000)]
+    samples += [1764506841.9999995, 1764506841.9999996, 1764506841.0000005, 0.0, 1764506841.5]
+    for epoch in samples:
+        want = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%S.%fZ")
+        assert recorder.iso_timestamp(epoch) == want, epoch
