@@ -233,8 +233,8 @@ class Record:
         None, _optional(lambda v: _positive(parse_size(v))),
         "size of one store file, at most max_bytes; null: max_bytes/16, at most 64m")
     queue: int = _opt(10000, lambda v: _parse_int(v, 1),
-                      "flows waiting for the disk, at most 16 MiB of their bodies "
-                      "(then dropped)")
+                      "flows waiting for the disk (then dropped); past 32 MiB of "
+                      "body data they wait without their bodies")
 
     @property
     def segment_size(self):

@@ -292,8 +292,8 @@ class _Complaints:
         self.pending = collections.Counter()
         self.last = None
 
-    def note(self, reason, count=1):
-        self.pending[reason] += count
+    def note(self, reason, count=1, what="flows dropped"):
+        self.pending[(what, reason)] += count
 
     def maybe_log(self, force=False):
         if not self.pending:
@@ -303,32 +303,46 @@ class _Complaints:
             return
         self.last = now
         self.log.warning("recorder: %s; proxying goes on", "; ".join(
-            "%d flows dropped (%s)" % (count, reason) for reason, count in self.pending.items()))
+            "%d %s (%s)" % (count, what, reason) for (what, reason), count in self.pending.items()))
         self.pending.clear()
 
 
-QUEUE_BYTES = 16 << 20      # body data waiting for the disk, at most (then records are dropped)
+QUEUE_BYTES = 32 << 20      # body data waiting for the disk, at most (then records go without)
+_BARE = 512                 # what a record holds besides its body data, about
+
+
+def _bodies(record):
+    """The dicts of a record that carry base64 body data under "data"."""
+    http = record.get("http")
+    if http:
+        for part in (http.get("request"), http.get("response")):
+            if part and part.get("body"):
+                yield part["body"]
+    if record.get("message"):
+        yield record["message"]
 
 
 def _weight(record):
     """About how many bytes a queued record holds: its base64 body data, and a little more."""
-    total = 512
-    http = record.get("http")
-    if http:
-        for part in (http.get("request"), http.get("response")):
-            if part:
-                total += len((part.get("body") or {}).get("data") or "")
-    message = record.get("message")
-    if message:
-        total += len(message.get("data") or "")
-    return total
+    return _BARE + sum(len(body.get("data") or "") for body in _bodies(record))
+
+
+def _shed(record):
+    """Keep the record, not its body data (cut to nothing, marked truncated); True if it
+    had some."""
+    shed = False
+    for body in _bodies(record):
+        if body.get("data"):
+            body["data"] = None
+            body["truncated"] = shed = True
+    return shed
 
 
 class Recorder:
     """Writes flow records to the store without ever blocking the caller.
 
-    ``submit`` appends to a queue bounded in records (``queue_size``) and in bytes
-    (``QUEUE_BYTES``); a writer greenlet takes what is queued in batches
+    ``submit`` appends to a queue bounded in records (``queue_size``) and in body bytes
+    (``QUEUE_BYTES``: past it, records go without their body data); a writer greenlet takes what is queued in batches
     and hands each batch to gevent's threadpool, which serialises it and appends it to the
     segment in progress.  The recorder owns a submitted dict: do not change it afterwards.
     """
@@ -347,6 +361,7 @@ class Recorder:
         self.written = 0            # records on disk
         self.dropped = 0            # records lost: queue full, disk failing, not JSON, closed
         self.write_errors = 0       # failed disk operations (each may drop many records)
+        self.bodies_shed = 0        # records kept without their body data (queue's byte bound)
         self._queue = collections.deque()
         self._queued_bytes = 0
         self._wake = gevent.event.Event()
@@ -369,13 +384,19 @@ class Recorder:
         return self
 
     def submit(self, record):
-        """Queue one record; False (and one more dropped) when the queue is full or closed."""
-        weight = _weight(record)
-        if self._closing or len(self._queue) >= self.queue_size or (
-                self._queue and self._queued_bytes + weight > QUEUE_BYTES):
+        """Queue one record; False (and one more dropped) when the queue is full or closed.
+        When its body data would take the queue past ``QUEUE_BYTES``, the record is queued
+        without it (a burst of big bodies keeps every flow, not every body)."""
+        if self._closing or len(self._queue) >= self.queue_size:
             self.dropped += 1
             self._complaints.note("recorder closed" if self._closing else "queue full")
             return False
+        weight = _weight(record)
+        if self._queue and self._queued_bytes + weight > QUEUE_BYTES and _shed(record):
+            weight = _BARE
+            self.bodies_shed += 1
+            self._complaints.note("%d MiB of body data waiting for the disk" % (
+                QUEUE_BYTES >> 20), what="bodies not kept")
         self._queued_bytes += weight
         self._queue.append(record)
         self._wake.set()

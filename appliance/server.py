@@ -138,6 +138,9 @@ class Proxy:
             gauges["recorder_dropped_total"] = ("flow records dropped (queue full, disk "
                                                 "errors)", lambda: rec.dropped)
             gauges["recorder_queued"] = ("flow records waiting", lambda: rec.queued)
+            gauges["recorder_bodies_shed_total"] = (
+                "flow records written without their body data (too much body data waiting "
+                "for the disk)", lambda: rec.bodies_shed)
 
     @property
     def reloads(self):
