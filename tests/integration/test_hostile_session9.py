@@ -19,7 +19,7 @@ import zlib
 
 import pytest
 
-from tests.integration.rawclient import exchange, pause, send
+from tests.integration.rawclient import CLOSE, RESET, exchange, pause, send
 from tests.integration.test_hostile_features import (MIB, ORIGIN_PORT, RAW_PORT, WS_PORT, close_code, config,
                                                      responses, store_records, url, wait_recorded)
 from tests.integration.test_websocket import SWITCH, UPGRADE, frame, frames_of
@@ -226,3 +226,36 @@ def test_scripts_read_set_and_replace_buffered_contents(lab, sluice, tmp_path):
     upper = json.loads(got[1][2])
     assert upper["SHA256"] == hashlib.sha256(body).hexdigest().upper() and upper["BYTES"] == len(body), upper
     assert b"BODY_BYTES" in got[2][2] and int(got[2][1]["content-length"][0]) == len(got[2][2])
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_client_gone_mid_buffered_upload_is_one_log_line_and_nothing_upstream(lab, sluice, rawserver, how):
+    # Passing guard.  The client sends the head and 100 KiB of a 200 KiB buffered body, then
+    # closes (FIN or RST) inside recv_into: one log line, no traceback, and the origin never
+    # sees the request (its head goes only after the body is buffered).
+    handle = sluice(config(body_size_limit="1m"), dports=(RAW_PORT,))
+    server = rawserver([raw.recv_until(), raw.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")])
+    request = post("/up", b"u" * (200 * KIB))
+    reply = exchange(lab, [send(request[:100 * KIB]), pause(0.3), CLOSE if how == "close" else RESET], read_timeout=2)
+    port = ":%d " % reply.local_port
+    handle.wait_log(port + "-> ", timeout=5)
+    log = handle.log()
+    assert "Traceback" not in log, log[-2000:]
+    warnings = [l for l in log.splitlines() if port in l and " WARNING " in l]
+    assert len(warnings) == 1 and ("102454 body bytes due" if how == "close" else "reset") in warnings[0], warnings
+    assert server.connections() == 0 or server.received(0) == b""
+
+
+def test_origin_gone_mid_buffered_response_is_502_with_one_log_line(lab, sluice, rawserver):
+    # Passing guard.  The origin announces 300 KiB and closes after 100 KiB: the buffered
+    # response was not answered yet, so the client gets a 502 (not a short 200) and the log
+    # one line, no traceback.
+    handle = sluice(config(body_size_limit="1m"), dports=(RAW_PORT,))
+    rawserver([raw.recv_until(), raw.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (300 * KIB) + b"d" * (100 * KIB)),
+               raw.sleep(0.2), raw.close()])
+    reply = exchange(lab, [send(b"GET /short HTTP/1.1\r\nHost: o\r\n\r\n")], read_timeout=5)
+    assert reply.data.startswith(b"HTTP/1.1 502"), reply.data[:300]
+    assert reply.eof
+    log = handle.wait_log("body bytes due", timeout=5)
+    assert "Traceback" not in log, log[-2000:]
+    assert len([l for l in log.splitlines() if " WARNING flow " in l and ":%d " % reply.local_port in l]) == 1, log[-1500:]
