@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import random
+import signal
+import struct
 import subprocess
 import sys
 import time
@@ -331,3 +333,148 @@ def test_hook_changes_messages_across_park_and_wake(lab, sluice, tmp_path):
     out = sleepy_client(lab, deflate="takeover", texts=["a secret %d" % i for i in range(3)], gap=1.5)
     assert out["extensions"] == "none"
     assert out["echoes"] == ["a XXXXXX %d" % i for i in range(3)], out
+
+
+# == WebSocket parking with raw frames ==============================================================================
+
+TIMED_CLIENT = r"""
+import base64, json, struct, threading
+spec = json.loads(sys.stdin.readline())
+s = socket.create_connection((ORIGIN_IP, spec["port"]), timeout=30)
+s.sendall(base64.b64decode(spec["upgrade"]))
+t0 = time.monotonic()
+got = {"data": b"", "eof": None, "error": None}
+def reader():
+    try:
+        while (chunk := s.recv(65536)):
+            got["data"] += chunk
+        got["eof"] = time.monotonic() - t0
+    except OSError as exc:
+        got["error"] = "%s at %.2f" % (exc, time.monotonic() - t0)
+thread = threading.Thread(target=reader, daemon=True)
+thread.start()
+print("READY", flush=True)
+for at, kind, data in spec["steps"]:
+    time.sleep(max(0.0, t0 + at - time.monotonic()))
+    if kind == "send":
+        s.sendall(base64.b64decode(data))
+    elif kind == "fin":
+        s.shutdown(socket.SHUT_WR)
+    elif kind == "rst":
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        break
+thread.join(max(0.1, t0 + spec["until"] - time.monotonic()))
+print(json.dumps({"data": got["data"].hex(), "eof": got["eof"], "error": got["error"]}), flush=True)
+"""
+
+
+def timed_client(lab, steps, until, port=RAW_PORT, upgrade=UPGRADE):
+    """Start a raw WebSocket client: ``steps`` are (seconds after the upgrade, "send" | "fin"
+    | "rst", bytes); it reads until EOF or ``until`` seconds.  Returns the process (READY read)."""
+    import base64
+    proc = client_script(lab, TIMED_CLIENT, stdin=True)
+    spec = {"port": port, "upgrade": base64.b64encode(upgrade).decode(), "until": until,
+            "steps": [(at, kind, base64.b64encode(data or b"").decode()) for at, kind, data in steps]}
+    proc.stdin.write(json.dumps(spec) + "\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "READY"
+    return proc
+
+
+def timed_result(proc, timeout=30):
+    out = json.loads(finish(proc, timeout).strip().splitlines()[-1])
+    data = bytes.fromhex(out["data"])
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), data[:200]
+    return frames_of(rest), out
+
+
+def close_frame(code, reason=b"", mask=True):
+    return frame(8, struct.pack("!H", code) + reason, mask=mask)
+
+
+@pytest.mark.parametrize("speak_at", [0.95, 1.05])
+def test_origin_speaking_first_around_the_park_moment_reaches_the_client(lab, sluice, rawserver, speak_at):
+    # Passing guard.  The origin's first frame comes 0.95..1.6 s after its 101, around the
+    # moment the new session gives up waiting in select() and parks: it must wake and reach
+    # the client; then the client's answer reaches the origin.
+    ws_proxy(sluice)
+    server = rawserver([raw.recv_until(), raw.send(SWITCH), raw.sleep(speak_at),
+                        raw.send(frame(1, b"server first", mask=False)), raw.recv_all(timeout=4)])
+    proc = timed_client(lab, [(speak_at + 1.0, "send", frame(1, b"client answer"))], until=speak_at + 2.5)
+    frames, _ = timed_result(proc)
+    assert frames[:1] == [(1, True, b"server first")], frames
+    to_server = frames_of(server.received(0).partition(b"\r\n\r\n")[2])
+    assert to_server[:1] == [(1, True, b"client answer")], to_server
+
+
+def test_both_peers_send_at_once_right_after_waking(lab, sluice, rawserver):
+    # Passing guard.  Parked since 1 s; at 2 s both send a 200 KiB message at the same
+    # moment (each wakes the session through its own watcher): both arrive whole.
+    ws_proxy(sluice)
+    big_up, big_down = os.urandom(200 * KIB), os.urandom(200 * KIB)
+    server = rawserver([raw.recv_until(), raw.send(SWITCH), raw.sleep(2.0),
+                        raw.send(frame(2, big_down, mask=False)), raw.recv_all(timeout=3)])
+    proc = timed_client(lab, [(2.0, "send", frame(2, big_up))], until=4.0)
+    frames, _ = timed_result(proc)
+    assert [(op, fin, hashlib.sha256(p).hexdigest()) for op, fin, p in frames] == \
+        [(2, True, hashlib.sha256(big_down).hexdigest())]
+    to_server = frames_of(server.received(0).partition(b"\r\n\r\n")[2])
+    assert [(op, hashlib.sha256(p).hexdigest()) for op, _, p in to_server] == [(2, hashlib.sha256(big_up).hexdigest())]
+
+
+def test_close_handshake_started_by_the_client_while_parked(lab, sluice, rawserver):
+    # Passing guard.  A parked session gets the client's close frame: relayed to the origin,
+    # whose close answer comes back, and the connection ends cleanly (no warning).
+    handle = ws_proxy(sluice)
+    server = rawserver([raw.recv_until(), raw.send(SWITCH), raw.recv(11, timeout=5), raw.sleep(0.5),
+                        raw.send(close_frame(1000, b"bye too", mask=False)), raw.sleep(0.3), raw.close()])
+    proc = timed_client(lab, [(2.0, "send", close_frame(1000, b"bye")), (3.0, "fin", None)], until=5)
+    frames, out = timed_result(proc)
+    assert frames == [(8, True, struct.pack("!H", 1000) + b"bye too")], frames
+    assert out["eof"] is not None and out["eof"] < 4.5, out
+    to_server = frames_of(server.received(0).partition(b"\r\n\r\n")[2])
+    assert to_server == [(8, True, struct.pack("!H", 1000) + b"bye")], to_server
+    time.sleep(0.3)
+    assert " websocket " not in "\n".join(l for l in handle.log().splitlines() if "WARNING" in l), handle.log()[-1500:]
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+def test_client_gone_while_parked_closes_the_origin_side(lab, sluice, rawserver, how):
+    # Passing guard.  The client half-closes (FIN) or resets while the session is parked:
+    # the session wakes, the origin side is shut (it reads EOF) and the log says why.
+    handle = ws_proxy(sluice)
+    server = rawserver([raw.recv_until(), raw.send(SWITCH), raw.recv_all(timeout=5)])
+    t0 = time.monotonic()
+    proc = timed_client(lab, [(2.0, how, None)], until=4)
+    finish(proc)
+    result = server.result(0, timeout=6)
+    assert result is not None and time.monotonic() - t0 < 6, result
+    assert handle.wait_log("websocket ended: client", timeout=3)
+    assert "Traceback" not in handle.log()
+
+
+def test_origin_gone_while_parked_closes_the_client_side(lab, sluice, rawserver):
+    # Passing guard.  The origin closes (FIN, no close frame) while parked: the client's
+    # side is closed at once (EOF, no invented close frame) and the log says so.
+    handle = ws_proxy(sluice)
+    rawserver([raw.recv_until(), raw.send(SWITCH), raw.sleep(2.0), raw.close()])
+    proc = timed_client(lab, [], until=5)
+    frames, out = timed_result(proc)
+    assert frames == [] and out["eof"] is not None and out["eof"] < 3.5, (frames, out)
+    assert handle.wait_log("websocket ended: server", timeout=3)
+
+
+def test_idle_timeout_while_parked_is_a_going_away_close_both_ways(lab, sluice, rawserver):
+    # Passing guard.  idle 3 s: a parked session is closed by the sweep with 1001 "idle
+    # timeout" to both sides, within about a second of the limit.
+    ws_proxy(sluice, timeouts={"idle": "3s", "header": "3s"})
+    server = rawserver([raw.recv_until(), raw.send(SWITCH), raw.recv_all(timeout=8)])
+    proc = timed_client(lab, [(1.5, "send", frame(9, b"ping while parked"))], until=8)
+    frames, out = timed_result(proc)
+    assert frames[0] == (10, True, b"ping while parked") or frames[0][0] == 8, frames
+    assert close_code(frames) == 1001 and b"idle" in [p for op, _, p in frames if op == 8][0], frames
+    assert out["eof"] is not None and 4.0 <= out["eof"] <= 6.5, out
+    to_server = frames_of(server.received(0).partition(b"\r\n\r\n")[2])
+    assert close_code(to_server) == 1001, to_server
