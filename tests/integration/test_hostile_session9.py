@@ -535,3 +535,4 @@ def test_drain_kills_a_busy_websocket_without_a_going_away_close(lab, sluice, ra
     assert close_code(frames) == 1001, (frames[-3:], out)
     assert close_code([f for f in to_server if f[0] == 8]) == 1001, to_server[-3:]
     assert "Traceback" not in handle.log(), handle.log()[-2000:]
+
