@@ -18,16 +18,14 @@ import struct
 import subprocess
 import sys
 import time
-import zlib
 
 import pytest
 
 from tests.integration.rawclient import CLOSE, RESET, exchange, pause, send
-from tests.integration.test_hostile_features import (MIB, ORIGIN_PORT, RAW_PORT, WS_PORT, close_code, config,
-                                                     responses, store_records, url, wait_recorded)
+from tests.integration.test_hostile_features import (ORIGIN_PORT, RAW_PORT, WS_PORT, close_code, config,
+                                                     responses, store_records, url)
 from tests.integration.test_websocket import SWITCH, UPGRADE, frame, frames_of
 from tests.lab import rawserver as raw
-from tests.lab.origin import body_sha256
 
 KIB = 1 << 10
 
