@@ -255,6 +255,10 @@ class ClientConnection:
         except gevent.GreenletExit:
             # killed (the drain ran out): a close-delimited response must not look complete
             self.abort = self.responded and self.out_framing is Framing.CLOSE
+            if self.ws is not None and self.ctx.draining:
+                # a WebSocket too busy to rest (chatty, mid-message) still gets its 1001
+                self.ws.run("proxy shutting down")
+                self.ws = None
             raise
         except relay.PeerGone as exc:
             if exc.peer is self.server and not self.responded:

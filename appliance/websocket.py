@@ -300,12 +300,20 @@ class Session:
 
     def _may_park(self, park_after):
         """Both directions wait for their next frame, hold nothing of a message, and no
-        frame went either way for ``park_after`` seconds (nor is one still leaving)."""
+        frame went either way for ``park_after`` seconds (nor is one still leaving).
+        ``still_sending`` may sleep a second, in which a frame can come in and be read (a
+        first fragment): the other conditions are looked at again after it, with no switch
+        between that look and the parking."""
+        if not self._resting(park_after):
+            return False
+        if any(out.peer.still_sending() for out in self.outs.values()):
+            return False
+        return self._resting(park_after)
+
+    def _resting(self, park_after):
         if time.monotonic() - self.quiet_since() < park_after:
             return False
-        if not all(d.resting() for d in self.directions):
-            return False
-        return not any(out.peer.still_sending() for out in self.outs.values())
+        return all(d.resting() for d in self.directions)
 
     def _active(self):
         quiet = time.monotonic() - max(self.last_activity, self.written.last)
