@@ -228,10 +228,10 @@ class Session:
 
     def run(self, going_away=None):
         """Relay until the end (None) or until parked (``PARKED``); see the class.
-        ``going_away``: why a parked session ends now instead: the reason of the close
-        1001 sent to both."""
+        ``going_away``: why the session ends now instead (parked and idle too long, or a
+        drain, parked or not): the reason of the close 1001 sent to both."""
         if going_away is not None:
-            outcome = _Outcome("idle", None, "parked, %s" % going_away, going_away)
+            outcome = _Outcome("idle", None, going_away, going_away)
         else:
             outcome = self._relay()
             if outcome is PARKED:
