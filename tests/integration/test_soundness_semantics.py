@@ -204,13 +204,16 @@ def test_forwarded_defaults_to_none_when_intercepting(lab, proxy, log):
 def test_bare_crlfs_on_keep_alive_do_not_hold_the_connection(lab, proxy, log):
     # One CRLF a second, forever: the header timeout never started, since empty lines before a
     # request line are skipped without counting as the start of a head.
+    # The header timeout (2 s) runs from the first CRLF; after the 408 the proxy lingers
+    # up to LINGER_SECONDS (2 s) reading what the client still sends, and the CRLFs keep
+    # coming: closed within about 5 s, long before the 10 s of CRLFs end.
     steps = [send(b"GET /bytes?n=1 HTTP/1.1\r\nHost: o\r\n\r\n"), read_until(b"\r\n\r\n")]
-    for _ in range(12):
+    for _ in range(20):
         steps += [pause(0.5), send(b"\r\n")]
     t0 = time.monotonic()
     reply = exchange(lab, steps, port=ORIGIN_PORT, read_timeout=4)
     assert reply.eof or reply.step_error or reply.recv_error, "still open after %.1fs" % (time.monotonic() - t0)
-    assert time.monotonic() - t0 < 5.5
+    assert time.monotonic() - t0 < 7.5
 
 
 def test_many_bare_crlfs_before_a_request_are_400(lab, proxy, log, test_origin):
