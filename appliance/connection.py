@@ -36,6 +36,7 @@ log = logging.getLogger("sluice")
 
 TLS = object()            # _read_request_head's answer for a TLS ClientHello
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+DRAINING = "proxy shutting down"   # the reason of the 1001 a drain sends every WebSocket
 PARK_AFTER = 1.0          # seconds a keep-alive connection waits with its greenlet, then parks
 EXPECT_WAIT = 1.0         # seconds to wait for the origin's 100 Continue (curl waits 1 s too)
 LINGER_SECONDS = 2.0      # reading what a client still sends after its last answer
@@ -107,7 +108,7 @@ class Context:
             if not everything and since > limit:
                 return
             if conn.ws is not None:
-                self._wake(conn, "proxy shutting down" if everything else "idle timeout")
+                self._wake(conn, DRAINING if everything else "idle timeout")
                 continue
             del self.parked[conn]
             for watcher in watchers:
@@ -257,7 +258,7 @@ class ClientConnection:
             self.abort = self.responded and self.out_framing is Framing.CLOSE
             if self.ws is not None and self.ctx.draining:
                 # a WebSocket too busy to rest (chatty, mid-message) still gets its 1001
-                self.ws.run("proxy shutting down")
+                self.ws.run(DRAINING)
                 self.ws = None
             raise
         except relay.PeerGone as exc:
@@ -1012,7 +1013,7 @@ class ClientConnection:
         if self.ws.run(going_away) is websocket.PARKED:
             if not self.ctx.draining:
                 raise _Parked()
-            self.ws.run("proxy shutting down")     # rests after the drain's sweep: close now
+            self.ws.run(DRAINING)     # rests after the drain's sweep: close now
         self.ws = None
 
     def _ws_on_message(self, facts):
