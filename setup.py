@@ -16,6 +16,7 @@ setup(
         "dpkt>=1.9.8",
         "netifaces-plus>=0.12",
         "PyYAML>=6.0",
+        "orjson>=3.9",
         "prometheus-client>=0.17",
         "rich>=13.0",
     ],

@@ -29,7 +29,12 @@ def _text(value):
 
 
 def _fields(headers):
-    return [[_text(k), _text(v)] for k, v in headers.fields] if headers is not None else None
+    if headers is None:
+        return None
+    try:                        # names and values are bytes (a script's str is encoded)
+        return [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers.fields]
+    except AttributeError:
+        return [[_text(k), _text(v)] for k, v in headers.fields]
 
 
 def _message(message, limit, full):

@@ -139,10 +139,18 @@ def test_full_queue_drops_and_counts_without_blocking(tmp_path, caplog):
 
 
 def test_records_that_are_not_json_are_dropped_not_fatal(tmp_path):
-    rec, accepted = write(tmp_path, [numbered(0, 1), {"bad": float("nan")},
-                                     {"bad": object()}, numbered(3, 1)])
+    rec, accepted = write(tmp_path, [numbered(0, 1), {"bad": object()},
+                                     {"bad": b"bytes"}, numbered(3, 1)])
     assert all(accepted) and rec.written == 2 and rec.dropped == 2
     assert numbers(tmp_path) == [0, 3]
+
+
+def test_a_nan_is_written_as_null_not_dropped(tmp_path):
+    rec, _ = write(tmp_path, [numbered(0, 1), dict(numbered(1, 1), duration=float("nan"))])
+    assert rec.written == 2 and rec.dropped == 0
+    assert numbers(tmp_path) == [0, 1]
+    lines = b"".join(p.read_bytes() for p in sorted(tmp_path.iterdir()) if p.is_file())
+    assert b'"duration":null' in lines
 
 
 def test_submit_after_close_is_a_drop(tmp_path):
