@@ -73,15 +73,13 @@ class Metrics:
         """Count one finished exchange (request/response)."""
         request, response = flow.request, flow.response
         if request is not None and response is not None:
-            status = response.head.status
-            self.requests[(_method_label(request), "%dxx" % (status // 100))] += 1
+            self.requests[(_method_label(request), _CLASSES[response.head.status // 100])] += 1
         elif request is not None:
             self.requests[(_method_label(request), "none")] += 1
-        for what, message, direction in (("request", request, "up"),
-                                          ("response", response, "down")):
-            if message is not None and message.body_size:
-                mode = (message.relayed or "copied") if message.streamed else "buffered"
-                self.bytes[(direction, mode)] += message.body_size
+        if request is not None and request.body_size:
+            self.bytes[("up", _mode(request))] += request.body_size
+        if response is not None and response.body_size:
+            self.bytes[("down", _mode(response))] += response.body_size
         for what, action, reason in flow.decisions:
             self.decisions[(what, action, _REASONS.get(reason[0], "other"))] += 1
 
@@ -92,6 +90,13 @@ class Metrics:
 # Any token is a method: the others share one label, so clients cannot add series at will.
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                       "PATCH"))
+
+
+_CLASSES = ["%dxx" % n for n in range(10)]        # status // 100 (100..999) -> "1xx".."9xx"
+
+
+def _mode(message):
+    return (message.relayed or "copied") if message.streamed else "buffered"
 
 
 def _method_label(request):

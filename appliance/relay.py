@@ -29,6 +29,8 @@ from gevent.hub import Waiter
 SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# A plain int: or-ing socket.MsgFlag members runs enum's Python code at every call.
+_PEEK_NOW = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
 SIOCOUTQ = 0x5411                 # linux/sockios.h (= TIOCOUTQ): bytes not yet acknowledged
 PIPE_SIZE = 1024 * 1024
 PIPE_POOL = 64                    # clean pipes kept for reuse per process
@@ -293,7 +295,7 @@ class Peer:
     def is_stale(self):
         """True if the peer has closed (or sent something unasked) while we were idle."""
         try:
-            self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self._raw.recv(1, _PEEK_NOW)
         except BlockingIOError:
             return False                    # nothing there: still a clean idle connection
         except OSError:

@@ -267,6 +267,8 @@ class _Parser:
 
     def _step_head(self):
         buf = self._buf
+        if self._pos == len(buf) and not self._eof:
+            return NEED_DATA            # nothing new: the common case before a recv
         if self._line_start == self._pos:
             # RFC 9112 section 2.2: ignore at least one empty line before a request line;
             # they count as the start of a head (its timer runs), and only a few pass.

@@ -5,20 +5,21 @@ except the terminating last-chunk.
 """
 
 
-def _fields(headers):
-    return b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+def field_lines(fields):
+    """``(name, value)`` pairs -> their field lines, each ending in CRLF."""
+    return b"".join([name + b": " + value + b"\r\n" for name, value in fields])
 
 
 def write_request_head(head):
     """``RequestHead`` -> bytes, fields in their order and case."""
     return b"%s %s HTTP/%s\r\n%s\r\n" % (head.method, head.target, head.version,
-                                         _fields(head.headers))
+                                         field_lines(head.headers))
 
 
 def write_response_head(head):
     """``ResponseHead`` -> bytes; an empty reason still gets its separating space."""
     return b"HTTP/%s %d %s\r\n%s\r\n" % (head.version, head.status, head.reason,
-                                         _fields(head.headers))
+                                         field_lines(head.headers))
 
 
 def chunk_prefix(size, extensions=b""):
@@ -35,4 +36,4 @@ def chunk(data, extensions=b""):
 
 def last_chunk(trailers=None):
     """The last-chunk and the trailer section."""
-    return b"0\r\n%s\r\n" % (_fields(trailers) if trailers else b"")
+    return b"0\r\n%s\r\n" % (field_lines(trailers) if trailers else b"")
