@@ -396,6 +396,25 @@ class Mitmdump(Peer):
         return match.group(1) if match else "?"
 
 
+class Floor(Peer):
+    """tests/bench/floor.py: what gevent and the interpreter alone cost (a calibration)."""
+
+    TITLES = {"l4": "gevent L4 relay", "http": "gevent HTTP relay", "parse": "gevent HTTP + parser"}
+
+    def __init__(self, lab: Lab, workdir: Path, name: str, port: int, mode: str):
+        super().__init__(lab, workdir, name, port)
+        self.mode = mode
+        self.title = self.TITLES[mode]
+
+    def argv(self) -> list[str]:
+        return [sys.executable, str(REPO_ROOT / "tests" / "bench" / "floor.py"), str(self.port),
+                self.mode]
+
+    def version(self) -> str:
+        import gevent
+        return "gevent %s" % gevent.__version__
+
+
 def tools_missing(mitmdump: Path) -> list[str]:
     """The programs the peers need that this machine lacks."""
     missing = [tool for tool in ("haproxy", "squid", "wrk", "curl") if shutil.which(tool) is None]

@@ -84,13 +84,18 @@ PEERS = {
     "haproxy-splice": ("haproxy", 8091, {"splice": True}),
     "squid": ("squid", 8100, {}),
     "mitmproxy": ("mitmproxy", 8110, {}),
+    # calibration (tests/bench/floor.py): gevent alone, then gevent with Sluice's parsers
+    "gevent-l4": ("floor", 8120, {"mode": "l4"}),
+    "gevent-http": ("floor", 8121, {"mode": "http"}),
+    "gevent-parse": ("floor", 8122, {"mode": "parse"}),
 }
 STREAMING = ("direct", "sluice", "sluice-copy", "haproxy", "haproxy-splice", "squid", "mitmproxy")
 TESTS = {
     "download": STREAMING,
     "upload": STREAMING,
     "chunked": STREAMING,
-    "small": ("direct", "sluice", "sluice-2w", "sluice-hooks", "haproxy", "squid", "mitmproxy"),
+    "small": ("direct", "sluice", "sluice-2w", "sluice-hooks", "haproxy", "squid", "mitmproxy",
+              "gevent-l4", "gevent-http", "gevent-parse"),
     "idle": ("sluice", "sluice-2w", "haproxy", "squid", "mitmproxy"),
     "bulk": ("direct", "sluice-buffer", "sluice", "haproxy", "squid", "mitmproxy"),
 }
@@ -118,6 +123,8 @@ def make_peer(lab: Lab, workdir: Path, name: str, mitmdump: Path) -> P.Peer:
         return P.HAProxy(lab, workdir, name, port, **extra)
     if kind == "squid":
         return P.Squid(lab, workdir, name, port)
+    if kind == "floor":
+        return P.Floor(lab, workdir, name, port, **extra)
     return P.Mitmdump(lab, workdir, name, port, mitmdump)
 
 

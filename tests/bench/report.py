@@ -23,6 +23,7 @@ PEER_TITLES = {
     "direct": "direct", "sluice": "Sluice", "sluice-2w": "Sluice 2w", "sluice-copy": "Sluice copy",
     "sluice-hooks": "Sluice hooks", "sluice-buffer": "Sluice buffer", "haproxy": "HAProxy",
     "haproxy-splice": "HAProxy splice", "squid": "Squid", "mitmproxy": "mitmproxy",
+    "gevent-l4": "gevent L4", "gevent-http": "gevent HTTP", "gevent-parse": "gevent+parser",
 }
 # (test, key, label, format); "big" in a label is replaced by the size
 ROWS = (
@@ -286,6 +287,11 @@ SETUP_NOTES = (
     "connection and on the oldest held one.  The peer is restarted and warmed up (20 requests) before "
     "`idle` and `bulk`.  RLIMIT_NOFILE here is {nofile} (raising it needs CAP_SYS_RESOURCE): a proxy "
     "with a client and an origin socket per connection holds at most about {nofile}/2.",
+    "Calibration, small requests only (tests/bench/floor.py, one process each, no logging): `gevent L4` "
+    "copies bytes both ways with two greenlets per connection; `gevent HTTP` relays one request then "
+    "one response per turn, framed by Content-Length; `gevent+parser` is `gevent HTTP` running Sluice's "
+    "own RequestParser and ResponseParser over every message.  They say what the interpreter and gevent "
+    "cost before any of Sluice's work, and what strict parsing alone adds.",
     "bulk: 100 GETs at once of an 8 MiB file; peak RSS = VmHWM (reset through clear_refs) summed over "
     "the peer's processes.  Only `Sluice buffer` (stream_large_bodies: 16m; its access log must say "
     "`buffered`) holds whole bodies; the others stream them (mitmproxy too: 8 MiB > its 1m).",
