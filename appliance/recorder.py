@@ -345,14 +345,16 @@ class Recorder:
     """Writes flow records to the store without ever blocking the caller.
 
     ``submit`` appends to a queue bounded in records (``queue_size``) and in body bytes
-    (``QUEUE_BYTES``: past it, records go without their body data); a writer greenlet takes what is queued in batches
-    and hands each batch to gevent's threadpool, which serialises it and appends it to the
-    segment in progress.  The recorder owns a submitted dict: do not change it afterwards.
+    (``QUEUE_BYTES``: past it, records go without their body data); a writer greenlet lets
+    records gather for ``GATHER`` seconds, takes what is queued in batches and hands each
+    batch to gevent's threadpool, which serialises it and appends it to the segment in
+    progress.  The recorder owns a submitted dict: do not change it afterwards.
     """
 
     BATCH = 1000                # most records per threadpool call
     BATCH_BYTES = 4 << 20       # and most body data in one (serialised, it is held twice)
     WAKE_EVERY = 1.0            # the writer wakes at least this often (drop summaries)
+    GATHER = 0.05               # after a wake, records gather this long before a write
     COMPLAIN_EVERY = 60.0       # at most one log line about drops per this many seconds
 
     def __init__(self, directory, max_bytes, segment_bytes=None, queue_size=10000, log=None):
@@ -425,6 +427,9 @@ class Recorder:
         pool = gevent.get_hub().threadpool
         while True:
             self._wake.wait(self.WAKE_EVERY)
+            if not self._closing and len(self._queue) < self.BATCH and \
+                    self._queued_bytes < self.BATCH_BYTES:
+                gevent.sleep(self.GATHER)   # one hand-off to the thread per batch, not per flow
             self._wake.clear()
             queue = self._queue
             while queue:
