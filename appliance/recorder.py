@@ -354,7 +354,7 @@ class Recorder:
     BATCH = 1000                # most records per threadpool call
     BATCH_BYTES = 4 << 20       # and most body data in one (serialised, it is held twice)
     WAKE_EVERY = 1.0            # the writer wakes at least this often (drop summaries)
-    GATHER = 0.05               # after a wake, records gather this long before a write
+    GATHER = 0.05               # after a wake, records gather this long (or a batch) first
     COMPLAIN_EVERY = 60.0       # at most one log line about drops per this many seconds
 
     def __init__(self, directory, max_bytes, segment_bytes=None, queue_size=10000, log=None):
@@ -369,7 +369,8 @@ class Recorder:
         self.bodies_shed = 0        # records kept without their body data (queue's byte bound)
         self._queue = collections.deque()
         self._queued_bytes = 0
-        self._wake = gevent.event.Event()
+        self._wake = gevent.event.Event()      # something is queued (or closing)
+        self._ready = gevent.event.Event()     # a whole batch is queued (or closing)
         self._closing = False
         self._writer = None
         self._segments = _Segments(directory, max_bytes, segment_bytes)
@@ -405,13 +406,19 @@ class Recorder:
         self._queued_bytes += weight
         self._queue.append((record, weight))
         self._wake.set()
+        if self._batch_ready():
+            self._ready.set()
         return True
+
+    def _batch_ready(self):
+        return len(self._queue) >= self.BATCH or self._queued_bytes >= self.BATCH_BYTES
 
     def close(self, timeout=5.0):
         """Write what is queued (for at most ``timeout`` seconds), then close the segment.
         What is still queued after that is counted as dropped."""
         self._closing = True
         self._wake.set()
+        self._ready.set()
         if self._writer is not None:
             self._writer.join(timeout)
             if not self._writer.dead:
@@ -427,9 +434,11 @@ class Recorder:
         pool = gevent.get_hub().threadpool
         while True:
             self._wake.wait(self.WAKE_EVERY)
-            if not self._closing and len(self._queue) < self.BATCH and \
-                    self._queued_bytes < self.BATCH_BYTES:
-                gevent.sleep(self.GATHER)   # one hand-off to the thread per batch, not per flow
+            if not self._closing and not self._batch_ready():
+                # one hand-off to the thread per batch, not per flow: records gather for
+                # GATHER seconds, less when a whole batch is there sooner (a burst of bodies)
+                self._ready.clear()
+                self._ready.wait(self.GATHER)
             self._wake.clear()
             queue = self._queue
             while queue:

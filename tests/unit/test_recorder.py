@@ -327,3 +327,43 @@ def test_iso_timestamp_matches_datetime_including_rounding():
         want = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(
             "%Y-%m-%dT%H:%M:%S.%fZ")
         assert recorder.iso_timestamp(epoch) == want, epoch
+
+
+# --- batching: one hand-off to the thread per batch ------------------------------------------
+
+def _counting_writes(rec):
+    calls = []
+    write_batch = rec._segments.write
+
+    def counted(records):
+        calls.append(len(records))
+        return write_batch(records)
+    rec._segments.write = counted
+    return calls
+
+
+def test_flows_ending_one_by_one_are_written_in_one_batch(tmp_path):
+    rec = Recorder(str(tmp_path), 1 << 30).start()
+    calls = _counting_writes(rec)
+    for i in range(10):                   # the writer wakes at the first: the rest gather
+        rec.submit(numbered(i, 1))
+        gevent.sleep(0.002)
+    gevent.sleep(recorder.Recorder.GATHER + 0.2)
+    assert calls == [10] and rec.written == 10
+    rec.close()
+    assert numbers(tmp_path) == list(range(10))
+
+
+def test_a_whole_batch_does_not_wait_for_the_gathering(tmp_path, monkeypatch):
+    monkeypatch.setattr(Recorder, "GATHER", 30.0)
+    rec = Recorder(str(tmp_path), 1 << 30).start()
+    rec.submit(numbered(0, 1))
+    gevent.sleep(0.05)                    # the writer is gathering now
+    began = time.monotonic()
+    for i in range(1, Recorder.BATCH + 1):
+        rec.submit(numbered(i, 1))
+    while rec.written < Recorder.BATCH and time.monotonic() - began < 10:
+        gevent.sleep(0.01)
+    assert rec.written >= Recorder.BATCH and time.monotonic() - began < 5
+    rec.close()
+    assert numbers(tmp_path) == list(range(Recorder.BATCH + 1))
