@@ -8,9 +8,10 @@ section come verbatim in ``EndOfMessage.raw``.
 import pytest
 
 from appliance import errors
-from appliance.http1 import Framing, RequestParser
+from appliance.http1 import NEED_DATA, Data, Framing, RequestHead, RequestParser, ResponseHead
 
-from .conftest import (bad, case, ch, eom, req, resp, run_error, run_valid, three_ways)
+from .conftest import (REQUEST_TRAILING, RESPONSE_TRAILING, bad, case, ch, eom, make_parser,
+                       pieces, req, resp, run_error, run_valid, three_ways)
 
 HOST = (b"Host", b"example.com")
 TE = (b"Transfer-Encoding", b"chunked")
@@ -247,3 +248,75 @@ def test_partial_chunk_is_forwarded_before_the_rest_arrives():
     piece = p.next_event()
     assert piece.prefix == b"10\r\n" and piece.suffix == b""
     assert b"0123456".startswith(piece.data) and piece.data
+
+
+# --- pass_chunked: a chunked body forwarded as it came (body._pass_chunked) ---------------------
+
+def pass_through(kind, vector, mode):
+    """Drive a parser as body._pass_chunked does: the head with next_event, the chunks with
+    pass_chunked (the validated wire bytes), the last chunk and trailers with next_event.
+    Returns (wire, data bytes counted, the EndOfMessage)."""
+    parser = make_parser(kind, vector.limits)
+    if kind == "response":
+        parser.expect(vector.methods[0])
+    trailing = REQUEST_TRAILING if kind == "request" else RESPONSE_TRAILING
+    feed = iter(pieces(vector.raw, mode, trailing) + ([b""] if vector.eof else []))
+
+    def next_event():
+        while True:
+            event = parser.next_event()
+            if event is not NEED_DATA:
+                return event
+            parser.receive_data(next(feed))
+    head = next_event()
+    assert head.framing is Framing.CHUNKED
+    wire, data = bytearray(), 0
+    while True:
+        piece, count, last = parser.pass_chunked()
+        wire += piece
+        piece.release()
+        data += count
+        if last:
+            return bytes(wire), data, next_event()
+        parser.receive_data(next(feed))
+
+
+def _one_chunked_message(table):
+    return [p for p in table if p.values[0].messages == 1 and b"chunked" in p.values[0].raw
+            and isinstance(p.values[0].events[0], (RequestHead, ResponseHead))
+            and p.values[0].events[0].framing is Framing.CHUNKED]
+
+
+@pytest.mark.parametrize("vector, mode", three_ways(_one_chunked_message(VALID)))
+def test_pass_chunked_gives_the_body_as_it_came(vector, mode):
+    kind = kind_of(vector)
+    wire, data, end = pass_through(kind, vector, mode)
+    body = vector.raw[vector.raw.index(b"\r\n\r\n") + 4:]
+    assert wire + end.raw == body
+    assert data == sum(len(e.data) for e in vector.events if isinstance(e, Data))
+    assert end.trailers == vector.events[-1].trailers
+
+
+@pytest.mark.parametrize("vector, mode", three_ways(
+    [p for p in ERRORS if b"chunked" in p.values[0].raw]))
+def test_pass_chunked_refuses_what_next_event_refuses(vector, mode):
+    with pytest.raises(vector.error) as info:
+        pass_through(kind_of(vector), vector, mode)
+    assert info.value.status == vector.status
+
+
+def test_pass_chunked_passes_many_whole_chunks_at_once():
+    chunks = b"".join(b"%x;n=v\r\n%s\r\n" % (n, b"c" * n) for n in range(1, 200))
+    p = RequestParser()
+    p.receive_data(HEAD + chunks + b"4\r\nhal")
+    p.next_event()
+    piece, count, last = p.pass_chunked()        # a partial chunk's data goes on at once
+    assert bytes(piece) == chunks + b"4\r\nhal" and count == sum(range(1, 200)) + 3
+    assert not last
+    piece.release()
+    p.receive_data(b"f\r\n0\r\nX-T: 1\r\n\r\n")
+    piece, count, last = p.pass_chunked()
+    assert bytes(piece) == b"f\r\n" and count == 1 and last
+    piece.release()
+    end = p.next_event()
+    assert end.raw == b"0\r\nX-T: 1\r\n\r\n"
