@@ -5,6 +5,8 @@ Each Data of a chunk carries the exact size line (``prefix``) and the CRLF after
 section come verbatim in ``EndOfMessage.raw``.
 """
 
+import random
+
 import pytest
 
 from appliance import errors
@@ -320,3 +322,73 @@ def test_pass_chunked_passes_many_whole_chunks_at_once():
     piece.release()
     end = p.next_event()
     assert end.raw == b"0\r\nX-T: 1\r\n\r\n"
+
+
+def _random_chunked(rnd):
+    """A chunked body, mostly valid, sometimes not in one of the ways a peer gets wrong."""
+    out = b""
+    for _ in range(rnd.randint(0, 6)):
+        n = rnd.choice([1, 2, 5, 16, 100, rnd.randint(1, 300)])
+        size = b"%x" % n
+        if rnd.random() < 0.2:
+            size = size.upper()
+        if rnd.random() < 0.1:
+            size = b"0" * rnd.randint(1, 18) + size
+        ext = b""
+        if rnd.random() < 0.2:
+            ext = rnd.choice([b";a", b";a=b", b' ; a = "q\\"x"', b";a=", b"; ", b"\t;x",
+                              b";" + b"e" * rnd.randint(1000, 1100)])
+        line = size + ext + rnd.choice([b"\r\n"] * 8 + [b"\n", b"\r", b" \r\n"])
+        data = rnd.randbytes(n)
+        if rnd.random() < 0.05:
+            data = data[:-1]
+        out += line + data + rnd.choice([b"\r\n"] * 10 + [b"\n", b"xx", b"\r"])
+    out += rnd.choice([b"0\r\n\r\n"] * 6 + [b"0\r\nX-T: 1\r\n\r\n", b"00\r\n\r\n", b"0\r\n",
+                       b"0;e\r\n\r\n", b"", b"0\r\nContent-Length: 1\r\n\r\n"])
+    if rnd.random() < 0.1:
+        i = rnd.randrange(len(out) + 1)
+        out = out[:i] + bytes([rnd.randrange(256)]) + out[i + 1:]
+    cuts = sorted(rnd.sample(range(1, len(out)), min(len(out) - 1, rnd.randint(0, 8)))) \
+        if len(out) > 1 else []
+    return out, [out[a:b] for a, b in zip([0] + cuts, cuts + [len(out)]) if out[a:b]]
+
+
+def _outcome(parts, passing):
+    """Drive a parser over HEAD + ``parts`` (then EOF): ("ok", body bytes, wire, bytes
+    consumed) or ("error", its class name); ``passing`` uses pass_chunked for the chunks."""
+    parser = RequestParser(max_chunk_ext=1024)
+    parser.receive_data(HEAD)
+    parser.next_event()
+    feed, fed, data, wire = iter(parts + [b""]), 0, 0, b""
+    try:
+        while passing:
+            piece, count, last = parser.pass_chunked()
+            wire += piece
+            piece.release()
+            data += count
+            if last:
+                break
+            more = next(feed)
+            fed += len(more)
+            parser.receive_data(more)
+        while True:
+            event = parser.next_event()
+            if event is NEED_DATA:
+                more = next(feed)
+                fed += len(more)
+                parser.receive_data(more)
+            elif type(event) is Data:
+                data += len(event.data)
+                wire += event.prefix + event.data + event.suffix
+            else:
+                return "ok", data, wire + event.raw, fed - parser.buffered
+    except errors.ProtocolError as exc:
+        return "error", type(exc).__name__
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pass_chunked_agrees_with_next_event_on_random_bodies(seed):
+    rnd = random.Random(seed)
+    for _ in range(1500):
+        body, parts = _random_chunked(rnd)
+        assert _outcome(parts, True) == _outcome(parts, False), body[:200]
