@@ -349,6 +349,8 @@ class _Parser:
             raise self._error
         start, data, last = self._pos, 0, False
         try:
+            if self._state is State.CHUNK_SIZE:
+                data = self._pass_whole_chunks()
             while True:
                 state = self._state
                 if state is State.CHUNK_SIZE:
@@ -369,6 +371,37 @@ class _Parser:
             self._error = exc
             raise
         return memoryview(self._buf)[start:self._pos], data, last
+
+    def _pass_whole_chunks(self):
+        """pass_chunked's common case in one loop: chunks that are here whole (size line,
+        data, CRLF), each checked as ``_step_chunk_size`` and ``_step_chunk_data`` check it.
+        Stops, in state CHUNK_SIZE at a size line, before anything else (a chunk not all
+        here, the last chunk, a line that fails a check: the step methods then take it,
+        and name the fault).  Returns the data bytes passed."""
+        buf = self._buf
+        pos, end = self._pos, len(buf)
+        find, match = buf.find, _CHUNK_LINE.fullmatch
+        line_limit = _MAX_HEX_DIGITS + self.max_chunk_ext + 2
+        max_ext = self.max_chunk_ext
+        data = 0
+        while True:
+            i = find(b"\n", pos, pos + line_limit)
+            if i < 0:
+                break
+            line = match(buf, pos, i + 1)
+            if line is None:
+                break
+            digits, digits_end = line.span(1)
+            if digits_end - digits > _MAX_HEX_DIGITS or i - 1 - digits_end > max_ext:
+                break
+            size = int(line.group(1), 16)
+            tail = i + 1 + size
+            if not size or tail + 2 > end or buf[tail] != 13 or buf[tail + 1] != 10:
+                break
+            pos = tail + 2
+            data += size
+        self._pos = pos
+        return data
 
     def _step_chunk_size(self, copy=True):
         buf = self._buf

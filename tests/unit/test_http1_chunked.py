@@ -5,12 +5,15 @@ Each Data of a chunk carries the exact size line (``prefix``) and the CRLF after
 section come verbatim in ``EndOfMessage.raw``.
 """
 
+import random
+
 import pytest
 
 from appliance import errors
-from appliance.http1 import Framing, RequestParser
+from appliance.http1 import NEED_DATA, Data, Framing, RequestHead, RequestParser, ResponseHead
 
-from .conftest import (bad, case, ch, eom, req, resp, run_error, run_valid, three_ways)
+from .conftest import (REQUEST_TRAILING, RESPONSE_TRAILING, bad, case, ch, eom, make_parser,
+                       pieces, req, resp, run_error, run_valid, three_ways)
 
 HOST = (b"Host", b"example.com")
 TE = (b"Transfer-Encoding", b"chunked")
@@ -247,3 +250,145 @@ def test_partial_chunk_is_forwarded_before_the_rest_arrives():
     piece = p.next_event()
     assert piece.prefix == b"10\r\n" and piece.suffix == b""
     assert b"0123456".startswith(piece.data) and piece.data
+
+
+# --- pass_chunked: a chunked body forwarded as it came (body._pass_chunked) ---------------------
+
+def pass_through(kind, vector, mode):
+    """Drive a parser as body._pass_chunked does: the head with next_event, the chunks with
+    pass_chunked (the validated wire bytes), the last chunk and trailers with next_event.
+    Returns (wire, data bytes counted, the EndOfMessage)."""
+    parser = make_parser(kind, vector.limits)
+    if kind == "response":
+        parser.expect(vector.methods[0])
+    trailing = REQUEST_TRAILING if kind == "request" else RESPONSE_TRAILING
+    feed = iter(pieces(vector.raw, mode, trailing) + ([b""] if vector.eof else []))
+
+    def next_event():
+        while True:
+            event = parser.next_event()
+            if event is not NEED_DATA:
+                return event
+            parser.receive_data(next(feed))
+    head = next_event()
+    assert head.framing is Framing.CHUNKED
+    wire, data = bytearray(), 0
+    while True:
+        piece, count, last = parser.pass_chunked()
+        wire += piece
+        piece.release()
+        data += count
+        if last:
+            return bytes(wire), data, next_event()
+        parser.receive_data(next(feed))
+
+
+def _one_chunked_message(table):
+    return [p for p in table if p.values[0].messages == 1 and b"chunked" in p.values[0].raw
+            and isinstance(p.values[0].events[0], (RequestHead, ResponseHead))
+            and p.values[0].events[0].framing is Framing.CHUNKED]
+
+
+@pytest.mark.parametrize("vector, mode", three_ways(_one_chunked_message(VALID)))
+def test_pass_chunked_gives_the_body_as_it_came(vector, mode):
+    kind = kind_of(vector)
+    wire, data, end = pass_through(kind, vector, mode)
+    body = vector.raw[vector.raw.index(b"\r\n\r\n") + 4:]
+    assert wire + end.raw == body
+    assert data == sum(len(e.data) for e in vector.events if isinstance(e, Data))
+    assert end.trailers == vector.events[-1].trailers
+
+
+@pytest.mark.parametrize("vector, mode", three_ways(
+    [p for p in ERRORS if b"chunked" in p.values[0].raw]))
+def test_pass_chunked_refuses_what_next_event_refuses(vector, mode):
+    with pytest.raises(vector.error) as info:
+        pass_through(kind_of(vector), vector, mode)
+    assert info.value.status == vector.status
+
+
+def test_pass_chunked_passes_many_whole_chunks_at_once():
+    chunks = b"".join(b"%x;n=v\r\n%s\r\n" % (n, b"c" * n) for n in range(1, 200))
+    p = RequestParser()
+    p.receive_data(HEAD + chunks + b"4\r\nhal")
+    p.next_event()
+    piece, count, last = p.pass_chunked()        # a partial chunk's data goes on at once
+    assert bytes(piece) == chunks + b"4\r\nhal" and count == sum(range(1, 200)) + 3
+    assert not last
+    piece.release()
+    p.receive_data(b"f\r\n0\r\nX-T: 1\r\n\r\n")
+    piece, count, last = p.pass_chunked()
+    assert bytes(piece) == b"f\r\n" and count == 1 and last
+    piece.release()
+    end = p.next_event()
+    assert end.raw == b"0\r\nX-T: 1\r\n\r\n"
+
+
+def _random_chunked(rnd):
+    """A chunked body, mostly valid, sometimes not in one of the ways a peer gets wrong."""
+    out = b""
+    for _ in range(rnd.randint(0, 6)):
+        n = rnd.choice([1, 2, 5, 16, 100, rnd.randint(1, 300)])
+        size = b"%x" % n
+        if rnd.random() < 0.2:
+            size = size.upper()
+        if rnd.random() < 0.1:
+            size = b"0" * rnd.randint(1, 18) + size
+        ext = b""
+        if rnd.random() < 0.2:
+            ext = rnd.choice([b";a", b";a=b", b' ; a = "q\\"x"', b";a=", b"; ", b"\t;x",
+                              b";" + b"e" * rnd.randint(1000, 1100)])
+        line = size + ext + rnd.choice([b"\r\n"] * 8 + [b"\n", b"\r", b" \r\n"])
+        data = rnd.randbytes(n)
+        if rnd.random() < 0.05:
+            data = data[:-1]
+        out += line + data + rnd.choice([b"\r\n"] * 10 + [b"\n", b"xx", b"\r"])
+    out += rnd.choice([b"0\r\n\r\n"] * 6 + [b"0\r\nX-T: 1\r\n\r\n", b"00\r\n\r\n", b"0\r\n",
+                       b"0;e\r\n\r\n", b"", b"0\r\nContent-Length: 1\r\n\r\n"])
+    if rnd.random() < 0.1:
+        i = rnd.randrange(len(out) + 1)
+        out = out[:i] + bytes([rnd.randrange(256)]) + out[i + 1:]
+    cuts = sorted(rnd.sample(range(1, len(out)), min(len(out) - 1, rnd.randint(0, 8)))) \
+        if len(out) > 1 else []
+    return out, [out[a:b] for a, b in zip([0] + cuts, cuts + [len(out)]) if out[a:b]]
+
+
+def _outcome(parts, passing):
+    """Drive a parser over HEAD + ``parts`` (then EOF): ("ok", body bytes, wire, bytes
+    consumed) or ("error", its class name); ``passing`` uses pass_chunked for the chunks."""
+    parser = RequestParser(max_chunk_ext=1024)
+    parser.receive_data(HEAD)
+    parser.next_event()
+    feed, fed, data, wire = iter(parts + [b""]), 0, 0, b""
+    try:
+        while passing:
+            piece, count, last = parser.pass_chunked()
+            wire += piece
+            piece.release()
+            data += count
+            if last:
+                break
+            more = next(feed)
+            fed += len(more)
+            parser.receive_data(more)
+        while True:
+            event = parser.next_event()
+            if event is NEED_DATA:
+                more = next(feed)
+                fed += len(more)
+                parser.receive_data(more)
+            elif type(event) is Data:
+                data += len(event.data)
+                wire += event.prefix + event.data + event.suffix
+            else:
+                return "ok", data, wire + event.raw, fed - parser.buffered
+    except errors.ProtocolError as exc:
+        return "error", type(exc).__name__
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pass_chunked_agrees_with_next_event_on_random_bodies(seed):
+    rnd = random.Random(seed)
+    for _ in range(1500):
+        body, parts = _random_chunked(rnd)
+        assert _outcome(parts, True) == _outcome(parts, False), body[:200]
