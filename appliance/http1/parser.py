@@ -349,11 +349,10 @@ class _Parser:
             raise self._error
         start, data, last = self._pos, 0, False
         try:
-            if self._state is State.CHUNK_SIZE:
-                data = self._pass_whole_chunks()
             while True:
                 state = self._state
                 if state is State.CHUNK_SIZE:
+                    data += self._pass_whole_chunks()      # then the one it stopped at
                     got = self._step_chunk_size(copy=False)
                 elif state is State.CHUNK_DATA:
                     got = self._step_chunk_data(copy=False)
