@@ -4,9 +4,10 @@ Owns: turning received bytes into events (see ``appliance.http1``), framing per 
 section 6.3, and every strictness check that keeps an ambiguous message from being
 forwarded.  Must not touch: sockets, clocks, logging, config objects.
 
-The receive buffer is a ``bytearray`` with a read position; heads are found by scanning
-only the bytes that arrived since the last scan, so feeding a head byte by byte stays
-linear.  Bodies are handed out as ``bytes`` slices, never byte by byte.
+The receive buffer is the received ``bytes`` themselves when everything before them was
+parsed, else a ``bytearray`` they are appended to, with a read position; heads are found by
+scanning only the bytes that arrived since the last scan, so feeding a head byte by byte
+stays linear.  Bodies are handed out as ``bytes`` slices, never byte by byte.
 """
 
 import collections
@@ -138,17 +139,27 @@ class _Parser:
             return
         if self._eof:
             raise RuntimeError("receive_data after EOF")
-        if self._pos:
-            del self._buf[:self._pos]
-            self._scan -= self._pos
-            self._line_start -= self._pos
-            self._pos = 0
-        self._buf += data
+        pos = self._pos
+        self._scan -= pos
+        self._line_start -= pos
+        self._pos = 0
+        if pos == len(self._buf) and type(data) is bytes:
+            # Everything before was parsed (the usual case): the received bytes become the
+            # buffer as they are, not copied into it (a streamed chunked body: 256 KiB a read).
+            self._buf = data
+            return
+        buf = self._buf
+        if type(buf) is bytes:          # a buffer that was adopted: mutable from here on
+            buf = bytearray(memoryview(buf)[pos:])
+        elif pos:
+            del buf[:pos]
+        buf += data
+        self._buf = buf
 
     def take_buffered(self):
         """Return and forget the bytes received but not parsed (for a tunnel)."""
         data = _copy(self._buf, self._pos, len(self._buf))
-        del self._buf[:]
+        self._buf = bytearray()
         self._pos = 0
         self._reset_scan()
         return data
