@@ -25,6 +25,7 @@ respond, record, and per direction replace, set_headers, remove_headers.
 """
 
 import fnmatch
+import functools
 import ipaddress
 import re
 import urllib.parse
@@ -114,8 +115,9 @@ def _globs(value, path, lower, prepare=str):
                             "expected a glob (a non-empty string), got %r" % (item,))
         text = prepare(str(item))
         text = text.lower() if lower else text
-        out.append(re.compile(fnmatch.translate(text), re.S))
-    return lambda got: got is not None and any(p.match(got) for p in out)
+        out.append(fnmatch.translate(text))
+    pattern = re.compile("|".join(out), re.S)     # the globs as one regex: one match call
+    return lambda got: got is not None and pattern.match(got) is not None
 
 
 def _networks(value, path):
@@ -129,14 +131,36 @@ def _networks(value, path):
                             "not an address or CIDR: %r" % (item,)) from None
     if not nets:
         raise RuleError(path, "an empty list matches nothing")
+    ranges = tuple((net.version, int(net.network_address), int(net.broadcast_address))
+                   for net in nets)
+
+    if len(ranges) == 1:
+        ((one_version, one_low, one_high),) = ranges
+
+        def match(ip):          # the usual case, one address or network: no loop
+            addr = _address(ip)
+            return addr is not None and addr[0] == one_version and \
+                one_low <= addr[1] <= one_high
+        return match
 
     def match(ip):
-        try:
-            addr = ipaddress.ip_address(ip)
-        except (ValueError, TypeError):
+        addr = _address(ip)
+        if addr is None:
             return False
-        return any(addr in net for net in nets)
+        version, number = addr
+        return any(v == version and low <= number <= high for v, low, high in ranges)
     return match
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(ip):
+    """(version, integer) of an address string, None if it is not one; cached: a gateway's
+    clients and destinations come back again and again, and ipaddress parses in Python."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except (ValueError, TypeError):
+        return None
+    return addr.version, int(addr)
 
 
 def _ports(value, path):
@@ -461,28 +485,37 @@ class RuleSet:
         self.rules = tuple(rules)
         self.ignore_hosts = tuple(re.compile(p, re.I) for p in ignore_hosts)
         self.empty = not self.rules and not self.ignore_hosts
+        # Per stage, once per reload: the rules that can act at it, each with the action
+        # kinds it has there (a TLS flow has no path or method: such rules never match it).
+        self._staged = {}
+        for stage, kinds in STAGE_KINDS.items():
+            rule_stage = "request" if stage == "tls" else stage
+            self._staged[stage] = tuple(
+                (rule, tuple(k for k in kinds if k in rule.actions)) for rule in self.rules
+                if rule.decidable(rule_stage) and any(k in rule.actions for k in kinds)
+                and not (stage == "tls" and ("path" in rule.keys or "method" in rule.keys)))
 
     def decide(self, stage, facts):
         """The Decision for ``stage`` (accept, tls, request, response)."""
         if self.empty:
             return NO_DECISION
         decision = Decision()
+        acts = decision.acts
         if stage != "response" and self._ignored(facts):
-            decision.acts["passthrough"] = (True, "ignore_hosts")
+            acts["passthrough"] = (True, "ignore_hosts")
             return decision
-        kinds = STAGE_KINDS[stage]
-        rule_stage = "request" if stage == "tls" else stage
-        for rule in self.rules:
-            if not rule.decidable(rule_stage):
+        for rule, kinds in self._staged[stage]:
+            if len(kinds) == 1:         # the usual rule: one action at this stage
+                kind = kinds[0]
+                if kind in acts or _EXCLUSIVE.get(kind) in acts or not rule.matches(facts):
+                    continue
+                acts[kind] = (rule.actions[kind], rule.name)
                 continue
-            wanted = [k for k in kinds if k in rule.actions and k not in decision.acts
-                      and _EXCLUSIVE.get(k) not in decision.acts]
+            wanted = [k for k in kinds if k not in acts and _EXCLUSIVE.get(k) not in acts]
             if not wanted or not rule.matches(facts):
                 continue
-            if stage == "tls" and ("path" in rule.keys or "method" in rule.keys):
-                continue          # a TLS flow has no path or method: such a rule never matches
             for kind in wanted:
-                decision.acts[kind] = (rule.actions[kind], rule.name)
+                acts[kind] = (rule.actions[kind], rule.name)
         return decision
 
     def _ignored(self, facts):
