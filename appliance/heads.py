@@ -13,7 +13,7 @@ it forwards, 1xx included, unless ``via`` is off.
 
 from . import errors
 from .http1 import Framing, write_response_head
-from .http1.writer import field_lines
+from .http1.writer import request_head, response_head
 from .http1.events import Headers, ResponseHead
 
 _HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"te",
@@ -118,12 +118,12 @@ def response_fields(head, client_version, via=None, upgrade=False, keep_client=T
 
 def request_bytes(head, fields):
     """A request head as Sluice sends it: always HTTP/1.1 (our own version)."""
-    return b"%s %s HTTP/1.1\r\n%s\r\n" % (head.method, head.target, field_lines(fields))
+    return request_head(head.method, head.target, b"1.1", fields)
 
 
 def response_bytes(head, fields):
     """A response head as Sluice sends it: always HTTP/1.1 (our own version)."""
-    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (head.status, head.reason, field_lines(fields))
+    return response_head(b"1.1", head.status, head.reason, fields)
 
 
 def informational_bytes(head, via=None):

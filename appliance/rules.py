@@ -134,21 +134,15 @@ def _networks(value, path):
     ranges = tuple((net.version, int(net.network_address), int(net.broadcast_address))
                    for net in nets)
 
-    if len(ranges) == 1:
-        ((one_version, one_low, one_high),) = ranges
-
-        def match(ip):          # the usual case, one address or network: no loop
-            addr = _address(ip)
-            return addr is not None and addr[0] == one_version and \
-                one_low <= addr[1] <= one_high
-        return match
-
     def match(ip):
         addr = _address(ip)
         if addr is None:
             return False
         version, number = addr
-        return any(v == version and low <= number <= high for v, low, high in ranges)
+        for net_version, low, high in ranges:       # a loop, not any(): no generator per call
+            if net_version == version and low <= number <= high:
+                return True
+        return False
     return match
 
 

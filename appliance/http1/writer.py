@@ -10,16 +10,24 @@ def field_lines(fields):
     return b"".join([name + b": " + value + b"\r\n" for name, value in fields])
 
 
+def request_head(method, target, version, fields):
+    """A request line and its ``(name, value)`` fields -> bytes, in their order and case."""
+    return b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, field_lines(fields))
+
+
+def response_head(version, status, reason, fields):
+    """A status line and its fields -> bytes; an empty reason still gets its space."""
+    return b"HTTP/%s %d %s\r\n%s\r\n" % (version, status, reason, field_lines(fields))
+
+
 def write_request_head(head):
-    """``RequestHead`` -> bytes, fields in their order and case."""
-    return b"%s %s HTTP/%s\r\n%s\r\n" % (head.method, head.target, head.version,
-                                         field_lines(head.headers))
+    """``RequestHead`` -> bytes."""
+    return request_head(head.method, head.target, head.version, head.headers)
 
 
 def write_response_head(head):
-    """``ResponseHead`` -> bytes; an empty reason still gets its separating space."""
-    return b"HTTP/%s %d %s\r\n%s\r\n" % (head.version, head.status, head.reason,
-                                         field_lines(head.headers))
+    """``ResponseHead`` -> bytes."""
+    return response_head(head.version, head.status, head.reason, head.headers)
 
 
 def chunk_prefix(size, extensions=b""):
